@@ -1,0 +1,389 @@
+"""Prediction, confidence, novelty and representations shared by every celltyper model."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from mudata import MuData
+from scvi import REGISTRY_KEYS
+from scvi.data._constants import _SCVI_UUID_KEY
+
+from ._data import Registration, build_model_data
+
+DEFAULT_NOVELTY_QUANTILE = 0.95
+
+
+class AnnotationMixin:
+    """``predict``, ``annotate``, novelty, latent space and cell-type representations.
+
+    Requires the host model's module to implement the
+    :class:`~celltyper.module.CellTyperModule` interface (``embed`` and ``classify``).
+    """
+
+    novelty_threshold_: float | None = None
+
+    # -- data resolution ----------------------------------------------------------------
+    @property
+    def registration(self) -> Registration:
+        """Genes, batches and cell types of the data the model was set up with."""
+        return Registration.from_registry(self.registry_)
+
+    @property
+    def cell_types(self) -> list[str]:
+        """Reference cell types, in the order of the classifier's outputs."""
+        return [str(c) for c in self.registration.cell_types]
+
+    @contextmanager
+    def _model_data(self, adata: AnnData | MuData | None, what: str = "adata") -> Iterator:
+        """The registered object to compute on; new data get a temporary aligned copy."""
+        if adata is None or adata is self.adata:
+            yield self.adata
+            return
+        internal = build_model_data(
+            adata,
+            self.registration,
+            input_kind=self.input_kind_,
+            model_name=type(self).__name__,
+            min_gene_overlap=getattr(self, "min_gene_overlap_", 0.5),
+            what=what,
+        )
+        self._validate_anndata(internal)
+        try:
+            yield internal
+        finally:
+            # Do not let registrations of temporary objects pile up in the model.
+            uuid = internal.uns.get(_SCVI_UUID_KEY)
+            self._per_instance_manager_store.get(self.id, {}).pop(uuid, None)
+            self._setup_adata_manager_store.pop(uuid, None)
+
+    def _collect(
+        self,
+        data,
+        indices: Sequence[int] | None,
+        batch_size: int | None,
+        outputs: dict[str, Callable],
+    ) -> dict[str, np.ndarray]:
+        """Run ``outputs`` (name -> f(tensors)) over minibatches, module in eval mode."""
+        loader = self._make_data_loader(adata=data, indices=indices, batch_size=batch_size)
+        collected: dict[str, list] = {name: [] for name in outputs}
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.inference_mode():
+                for tensors in loader:
+                    for name, fn in outputs.items():
+                        collected[name].append(fn(tensors).detach().cpu().numpy())
+        finally:
+            self.module.train(was_training)
+        return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+    def _probabilities(self, tensors) -> torch.Tensor:
+        return torch.softmax(self.module.classify(tensors), dim=-1)
+
+    # -- public API ---------------------------------------------------------------------
+    def get_latent_representation(
+        self,
+        adata: AnnData | MuData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Latent representation of each cell, ``(n_cells, n_latent)``.
+
+        Parameters
+        ----------
+        adata
+            Data to embed (genes aligned to the model's); ``None`` uses the model's data.
+        indices
+            Positions of the cells to embed; ``None`` embeds all.
+        batch_size
+            Minibatch size; defaults to ``scvi.settings.batch_size``.
+        """
+        self._check_if_trained(warn=True)
+        with self._model_data(adata) as data:
+            out = self._collect(data, indices, batch_size, {"z": self.module.embed})
+        return out["z"]
+
+    def predict(
+        self,
+        adata: AnnData | MuData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predicted cell type of each cell.
+
+        Parameters
+        ----------
+        adata
+            Data to annotate; ``None`` uses the model's data.
+        indices
+            Positions of the cells to predict; ``None`` predicts all.
+        soft
+            Return the probabilities: a DataFrame with one column per reference cell type,
+            indexed by ``obs_names``.
+        batch_size
+            Minibatch size.
+
+        Returns
+        -------
+        An array of cell-type names, or the probability DataFrame when ``soft=True``.
+        """
+        self._check_if_trained(warn=True)
+        with self._model_data(adata) as data:
+            probs = self._collect(data, indices, batch_size, {"p": self._probabilities})["p"]
+            names = _obs_names(data, indices)
+        if soft:
+            return pd.DataFrame(probs, index=names, columns=self.cell_types)
+        return np.asarray(self.cell_types, dtype=object)[probs.argmax(axis=1)]
+
+    def novelty_score(self, probabilities: np.ndarray, latent: np.ndarray) -> np.ndarray:
+        """Per-cell novelty score from the class probabilities and the latent position.
+
+        The default is ``1 - max probability``; models may override it with a score that
+        better separates cell types the reference never saw. Higher means more novel.
+        """
+        return 1.0 - probabilities.max(axis=1)
+
+    def annotation_table(
+        self,
+        adata: AnnData | MuData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        novelty_threshold: float | None = None,
+    ) -> pd.DataFrame:
+        """Prediction, confidence, novelty score and novelty flag of each cell.
+
+        Parameters
+        ----------
+        adata
+            Data to annotate; ``None`` uses the model's data.
+        indices
+            Positions of the cells; ``None`` uses all.
+        batch_size
+            Minibatch size.
+        novelty_threshold
+            Cells whose novelty score exceeds it are flagged novel; defaults to the
+            threshold calibrated on held-out reference cells (``novelty_threshold_``).
+
+        Returns
+        -------
+        DataFrame indexed by ``obs_names`` with columns ``prediction``, ``confidence``
+        (the highest class probability), ``novelty`` and ``novel``.
+        """
+        table, _ = self._annotation_outputs(adata, indices, batch_size, novelty_threshold)
+        return table
+
+    def _annotation_outputs(self, adata, indices, batch_size, novelty_threshold):
+        self._check_if_trained(warn=True)
+        with self._model_data(adata) as data:
+            out = self._collect(
+                data, indices, batch_size, {"p": self._probabilities, "z": self.module.embed}
+            )
+            names = _obs_names(data, indices)
+        probs, latent = out["p"], out["z"]
+        novelty = self.novelty_score(probs, latent)
+        threshold = self._resolve_threshold(novelty_threshold)
+        table = pd.DataFrame(
+            {
+                "prediction": pd.Categorical(
+                    np.asarray(self.cell_types, dtype=object)[probs.argmax(axis=1)],
+                    categories=self.cell_types,
+                ),
+                "confidence": probs.max(axis=1),
+                "novelty": novelty,
+                "novel": novelty > threshold,
+            },
+            index=names,
+        )
+        return table, latent
+
+    def annotate(
+        self,
+        adata: AnnData | MuData | None = None,
+        key_added: str | None = None,
+        overwrite: bool = False,
+        novelty_threshold: float | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Write predictions, confidence, novelty and the latent space into ``adata``.
+
+        Writes ``obs[key]`` (predicted cell type), ``obs[key + "_confidence"]``,
+        ``obs[key + "_novelty"]`` (score), ``obs[key + "_novel"]`` (bool) and
+        ``obsm["X_" + key]``. Nothing else in ``adata`` changes.
+
+        Parameters
+        ----------
+        adata
+            The object to annotate; ``None`` annotates the model's data (for a model from
+            :meth:`load_query_data`, pass your query object to annotate it).
+        key_added
+            Column prefix; defaults to the model name in lower case (``"scnym"``), so that
+            several models can annotate one object side by side.
+        overwrite
+            Replace existing columns instead of raising.
+        novelty_threshold
+            Overrides the calibrated threshold.
+        batch_size
+            Minibatch size.
+
+        Returns
+        -------
+        The table written to ``obs`` (see :meth:`annotation_table`).
+        """
+        target = self.adata if adata is None else adata
+        key = key_added or type(self).__name__.lower()
+        obs_keys = [key, f"{key}_confidence", f"{key}_novelty", f"{key}_novel"]
+        obsm_key = f"X_{key}"
+        existing = [k for k in obs_keys if k in target.obs.columns]
+        existing += [obsm_key] if obsm_key in target.obsm else []
+        if existing and not overwrite:
+            raise ValueError(
+                f"annotate() would overwrite {existing}; pass overwrite=True or another "
+                "key_added."
+            )
+        table, latent = self._annotation_outputs(adata, None, batch_size, novelty_threshold)
+        if len(table) != target.n_obs:
+            raise ValueError("Internal error: prediction count does not match the cells.")
+        for column, values in zip(obs_keys, table.columns, strict=True):
+            target.obs[column] = table[values].to_numpy()
+        target.obs[key] = pd.Categorical(table["prediction"].to_numpy(), self.cell_types)
+        target.obsm[obsm_key] = latent
+        return table
+
+    # -- novelty threshold ----------------------------------------------------------------
+    def _resolve_threshold(self, novelty_threshold: float | None) -> float:
+        if novelty_threshold is not None:
+            return float(novelty_threshold)
+        if self.novelty_threshold_ is None:
+            warnings.warn(
+                "No calibrated novelty threshold (train the model, or call "
+                "calibrate_novelty()); using 0.5.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return 0.5
+        return float(self.novelty_threshold_)
+
+    def calibrate_novelty(
+        self, quantile: float = DEFAULT_NOVELTY_QUANTILE, batch_size: int | None = None
+    ) -> float:
+        """Set the novelty threshold to a quantile of held-out reference cells' scores.
+
+        With the default 0.95, about 5 % of cells of known types are flagged novel. The
+        held-out cells are the labelled validation cells of the last ``train()``; without
+        them the labelled training cells are used (an optimistic threshold), with a warning.
+
+        Returns
+        -------
+        The threshold, also stored as ``novelty_threshold_``.
+        """
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
+        codes = codes.reshape(-1)
+        labelled = codes < len(self.cell_types)
+        held_out = getattr(self, "validation_indices", None)
+        candidates = (
+            np.asarray(held_out, dtype=int) if held_out is not None else np.array([], int)
+        )
+        candidates = candidates[labelled[candidates]] if len(candidates) else candidates
+        if len(candidates) < 10:
+            warnings.warn(
+                "Fewer than 10 held-out labelled reference cells; calibrating the novelty "
+                "threshold on labelled training cells, which makes it optimistic.",
+                UserWarning,
+                stacklevel=2,
+            )
+            candidates = np.flatnonzero(labelled)
+        if len(candidates) == 0:
+            raise ValueError("No labelled reference cell to calibrate the novelty threshold.")
+        table = self.annotation_table(
+            indices=candidates, batch_size=batch_size, novelty_threshold=np.inf
+        )
+        self.novelty_threshold_ = float(np.quantile(table["novelty"].to_numpy(), quantile))
+        return self.novelty_threshold_
+
+    # -- cell-type representations ------------------------------------------------------
+    def get_cell_type_representations(
+        self,
+        method: Literal["centroid", "median", "medoid"] = "centroid",
+        adata: AnnData | MuData | None = None,
+        labels_key: str | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """One latent vector per cell type.
+
+        Parameters
+        ----------
+        method
+            ``"centroid"`` (mean), ``"median"`` (per dimension) or ``"medoid"`` (the cell
+            with the smallest summed Euclidean distance to the others of its type).
+        adata
+            Data to summarise; ``None`` uses the labelled cells of the model's data.
+        labels_key
+            Column of ``adata.obs`` grouping the cells; ``None`` uses the reference labels
+            for the model's data and the model's predictions for other data.
+        batch_size
+            Minibatch size.
+
+        Returns
+        -------
+        DataFrame, cell types x latent dimensions.
+        """
+        if method not in ("centroid", "median", "medoid"):
+            raise ValueError(f"method must be centroid, median or medoid, got {method!r}.")
+        latent = self.get_latent_representation(adata, batch_size=batch_size)
+        groups = self._representation_groups(adata, labels_key, batch_size)
+        keep = pd.notna(groups)
+        latent, groups = latent[keep], np.asarray(groups[keep]).astype(str)
+        if len(groups) == 0:
+            raise ValueError("No labelled cell to summarise.")
+        rows = {}
+        for cell_type in pd.unique(groups):
+            members = latent[groups == cell_type]
+            rows[cell_type] = _summarise(members, method)
+        columns = [f"latent_{i}" for i in range(latent.shape[1])]
+        return pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+
+    def _representation_groups(self, adata, labels_key, batch_size) -> np.ndarray:
+        target = self.adata if adata is None else adata
+        if labels_key is not None:
+            if labels_key not in target.obs.columns:
+                raise KeyError(f"labels_key={labels_key!r} is not a column of adata.obs.")
+            groups = target.obs[labels_key].astype(object).to_numpy()
+            unlabeled = self.registration.unlabeled_category
+            return np.where(groups == unlabeled, None, groups)
+        if adata is None:
+            codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
+            codes = codes.reshape(-1)
+            names = np.asarray(self.cell_types + [None], dtype=object)
+            return names[np.minimum(codes, len(self.cell_types))]
+        return self.predict(adata, batch_size=batch_size)
+
+
+def _obs_names(data: AnnData | MuData, indices: Sequence[int] | None) -> pd.Index:
+    names = data.obs_names
+    return names if indices is None else names[np.asarray(indices)]
+
+
+def _summarise(members: np.ndarray, method: str) -> np.ndarray:
+    if method == "centroid":
+        return members.mean(axis=0)
+    if method == "median":
+        return np.median(members, axis=0)
+    members = members.astype(np.float64)
+    squared = (members**2).sum(axis=1)
+    totals = np.zeros(len(members))
+    # Chunked so that large cell types never need the full n x n distance matrix.
+    for start in range(0, len(members), 1024):
+        block = members[start : start + 1024]
+        d2 = squared[start : start + 1024, None] + squared[None, :] - 2.0 * block @ members.T
+        totals[start : start + 1024] = np.sqrt(np.maximum(d2, 0.0)).sum(axis=1)
+    return members[int(np.argmin(totals))]

@@ -1,0 +1,193 @@
+"""Turning a user's AnnData/MuData into the registered object a model computes on.
+
+New data (a query, or any object passed to ``predict``/``annotate``) is never registered
+as is: the model builds a light object that shares the (gene-aligned) expression matrix
+and carries only the columns it needs. The user's object thus never gains ``_scvi_*``
+columns, label fills or reordered genes, and values outside the reference (new batches,
+cell types the reference never saw) are handled here, in one place.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from mudata import MuData
+from scvi import REGISTRY_KEYS
+
+from ._genes import align_genes
+from ._validation import InputKind, check_matrix_values, check_not_empty, get_matrix
+
+QUERY_BATCH = "query"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a model's registry says about the data it was set up with."""
+
+    is_mudata: bool
+    layer: str | None
+    rna_modality: str | None
+    genes: pd.Index
+    batch_key: str | None
+    batches: list
+    labels_key: str | None
+    cell_types: list
+    unlabeled_category: str
+
+    @classmethod
+    def from_registry(cls, registry: dict) -> Registration:
+        args = registry["setup_args"]
+        fields = registry["field_registries"]
+        is_mudata = registry.get("setup_method_name") == "setup_mudata"
+        x_state = fields[REGISTRY_KEYS.X_KEY]["state_registry"]
+        labels_state = fields[REGISTRY_KEYS.LABELS_KEY]["state_registry"]
+        unlabeled = labels_state.get("unlabeled_category", args.get("unlabeled_category"))
+        mapping = list(labels_state["categorical_mapping"])
+        return cls(
+            is_mudata=is_mudata,
+            layer=args.get("rna_layer") if is_mudata else args.get("layer"),
+            rna_modality=(args.get("modalities") or {}).get("rna_layer") if is_mudata else None,
+            genes=pd.Index(x_state["column_names"]),
+            batch_key=args.get("batch_key"),
+            batches=list(fields[REGISTRY_KEYS.BATCH_KEY]["state_registry"]["categorical_mapping"]),
+            labels_key=args.get("labels_key"),
+            cell_types=[c for c in mapping if c != unlabeled],
+            unlabeled_category=unlabeled,
+        )
+
+
+def split_modality(data: AnnData | MuData, modality: str | None) -> tuple[AnnData, pd.DataFrame]:
+    """The expression AnnData and the obs table holding the cell annotations."""
+    if isinstance(data, MuData):
+        if modality is None or modality not in data.mod:
+            raise KeyError(
+                f"modality {modality!r} is not in the MuData (modalities: {list(data.mod)})."
+            )
+        rna = data.mod[modality]
+        return rna, data.obs.loc[rna.obs_names]
+    if not isinstance(data, AnnData):
+        raise TypeError(f"Expected an AnnData or MuData, got {type(data).__name__}.")
+    return data, data.obs
+
+
+def check_input_kind(kind: InputKind, expected: InputKind, model_name: str, what: str) -> None:
+    """New data must come in the form (counts or normalised) the model was trained on."""
+    if kind == expected:
+        return
+    if expected == "counts":
+        raise ValueError(
+            f"{model_name} was trained on raw counts, but {what} holds non-integer values (it "
+            "looks normalised). Pass the raw counts (e.g. a 'counts' layer)."
+        )
+    raise ValueError(
+        f"{model_name} was trained on log-normalised data, but {what} holds raw counts. "
+        "Normalise it the same way as the reference first."
+    )
+
+
+def build_model_data(
+    data: AnnData | MuData,
+    registration: Registration,
+    *,
+    input_kind: InputKind,
+    model_name: str,
+    min_gene_overlap: float = 0.5,
+    keep_new_batches: bool = False,
+    what: str = "query",
+) -> AnnData | MuData:
+    """A registered-ready copy of ``data`` aligned to the model's genes and categories.
+
+    Parameters
+    ----------
+    data
+        The user's object (left unchanged).
+    registration
+        The model's :class:`Registration`.
+    input_kind
+        Whether the model was trained on counts or normalised data.
+    model_name
+        Name used in messages.
+    min_gene_overlap
+        Smallest share of the model's genes that ``data`` must contain.
+    keep_new_batches
+        Keep batch categories the reference never saw (query surgery learns them); else
+        they are mapped to the first reference batch, which only matters to modules whose
+        inference reads the batch (celltyper's encoders do not).
+    what
+        Name of the data in messages.
+    """
+    rna, obs = split_modality(data, registration.rna_modality)
+    check_not_empty(rna, what)
+    matrix = get_matrix(rna, registration.layer, what)
+    layer_name = f"layers[{registration.layer!r}]" if registration.layer else "X"
+    kind = check_matrix_values(matrix, f"{what}.{layer_name}")
+    check_input_kind(kind, input_kind, model_name, f"{what}.{layer_name}")
+    aligned, _ = align_genes(
+        matrix, rna.var_names, registration.genes, min_gene_overlap, what=what
+    )
+
+    columns = {}
+    if registration.batch_key is not None:
+        columns[registration.batch_key] = _batch_column(obs, registration, keep_new_batches, what)
+    if registration.labels_key is not None:
+        columns[registration.labels_key] = _labels_column(obs, registration, what)
+    cell_obs = pd.DataFrame(columns, index=rna.obs_names.copy())
+
+    var = pd.DataFrame(index=registration.genes.copy())
+    layers = {registration.layer: aligned} if registration.layer else None
+    x = None if registration.layer else aligned
+    if not registration.is_mudata:
+        return AnnData(X=x, obs=cell_obs, var=var, layers=layers)
+    modality = AnnData(X=x, obs=pd.DataFrame(index=cell_obs.index), var=var, layers=layers)
+    mdata = MuData({registration.rna_modality: modality})
+    for key, values in cell_obs.items():
+        mdata.obs[key] = values.to_numpy()
+    return mdata
+
+
+def _batch_column(
+    obs: pd.DataFrame, registration: Registration, keep_new: bool, what: str
+) -> np.ndarray:
+    key = registration.batch_key
+    if key not in obs.columns:
+        if keep_new:
+            warnings.warn(
+                f"The {what} has no obs[{key!r}] (the reference's batch_key); its cells are "
+                f"treated as one new batch {QUERY_BATCH!r}.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return np.full(len(obs), QUERY_BATCH, dtype=object)
+        return np.full(len(obs), registration.batches[0], dtype=object)
+    values = obs[key].astype(object).to_numpy()
+    if np.any(pd.isna(values)):
+        raise ValueError(f"{what}.obs[{key!r}] has missing values; fill them first.")
+    if keep_new:
+        return values
+    known = pd.Index(registration.batches)
+    return np.where(known.get_indexer(values) >= 0, values, registration.batches[0])
+
+
+def _labels_column(obs: pd.DataFrame, registration: Registration, what: str) -> np.ndarray:
+    key, unlabeled = registration.labels_key, registration.unlabeled_category
+    if key not in obs.columns:
+        return np.full(len(obs), unlabeled, dtype=object)
+    values = obs[key].astype(object).to_numpy()
+    missing = pd.isna(values)
+    values = np.where(missing, unlabeled, values)
+    known = pd.Index(registration.cell_types + [unlabeled])
+    new = known.get_indexer(values) < 0
+    if new.any():
+        names = sorted(map(str, pd.unique(values[new])))[:10]
+        warnings.warn(
+            f"{int(new.sum())} cells of the {what} carry labels the reference never saw "
+            f"({', '.join(names)}); they are treated as unlabelled.",
+            UserWarning,
+            stacklevel=4,
+        )
+        values = np.where(new, unlabeled, values)
+    return values

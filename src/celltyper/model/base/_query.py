@@ -1,0 +1,91 @@
+"""scArches-style query mapping shared by every celltyper model."""
+
+from __future__ import annotations
+
+import os
+
+from anndata import AnnData
+from mudata import MuData
+from scvi.model.base import ArchesMixin, BaseModelClass
+from scvi.model.base._save_load import _load_saved_files
+
+from ._data import Registration, build_model_data
+
+
+class QueryMixin(ArchesMixin):
+    """``load_query_data``: gene alignment, then surgery through scvi-tools' ArchesMixin."""
+
+    @classmethod
+    def load_query_data(
+        cls,
+        query: AnnData | MuData,
+        reference: BaseModelClass | str | os.PathLike,
+        *,
+        min_gene_overlap: float = 0.5,
+        unfrozen: bool = False,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ):
+        """Map a query dataset onto a trained reference model (scArches surgery).
+
+        The query's genes are aligned to the reference's (missing genes are zero-filled
+        with a warning that gives their number; an overlap below ``min_gene_overlap`` or
+        Ensembl IDs on one side and symbols on the other raise). New batch categories
+        extend the model's batch-dependent layers; labels the reference never saw count as
+        unlabelled. Parameters are then frozen by the module's own rule
+        (:meth:`~celltyper.module.CellTyperModule.query_trainable_parameters`), so that
+        ``train()`` on the returned model fine-tunes only what the method adapts to a
+        query. The model predicts straight away; the query object is never modified
+        (the model holds an aligned copy: annotate your object with
+        ``model.annotate(query)``).
+
+        Parameters
+        ----------
+        query
+            Query data, the same kind of values (counts or normalised) as the reference.
+        reference
+            A trained model of this class, or the directory it was saved to.
+        min_gene_overlap
+            Smallest accepted share of reference genes present in the query.
+        unfrozen
+            Fine-tune every parameter instead of the module's surgery subset.
+        accelerator, device
+            Where to put the model, as in scvi-tools.
+
+        Returns
+        -------
+        A model of this class on the query.
+        """
+        if isinstance(reference, str | os.PathLike):
+            attr_dict, _, _, _ = _load_saved_files(
+                str(reference), load_adata=False, map_location="cpu"
+            )
+            registry, input_kind = attr_dict["registry_"], attr_dict["input_kind_"]
+            reference = str(reference)
+        elif isinstance(reference, cls):
+            if not reference.is_trained_:
+                raise ValueError("The reference model is not trained; call train() first.")
+            registry, input_kind = reference.registry_, reference.input_kind_
+        else:
+            raise TypeError(
+                f"reference must be a {cls.__name__} or the path of a saved one, got "
+                f"{type(reference).__name__}."
+            )
+        internal = build_model_data(
+            query,
+            Registration.from_registry(registry),
+            input_kind=input_kind,
+            model_name=cls.__name__,
+            min_gene_overlap=min_gene_overlap,
+            keep_new_batches=True,
+            what="query",
+        )
+        model = super().load_query_data(
+            internal, reference, accelerator=accelerator, device=device, unfrozen=True
+        )
+        model.module.freeze_for_query(unfrozen=unfrozen)
+        # The reference's weights already give usable predictions on the query.
+        model.is_trained_ = True
+        model.min_gene_overlap_ = min_gene_overlap
+        model.is_query_model_ = True
+        return model

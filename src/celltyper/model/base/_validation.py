@@ -1,0 +1,114 @@
+"""Input checks shared by every model: clear errors, and the user's object left untouched."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+InputKind = Literal["counts", "normalized"]
+
+_N_ROWS_SAMPLED = 5000
+
+
+def get_matrix(adata: AnnData, layer: str | None, what: str = "adata"):
+    """``adata.layers[layer]`` or ``adata.X``, with a clear error when it is missing."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError(f"{what}.X is empty (None); pass layer= naming the counts layer.")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer={layer!r} is not in {what}.layers (available: {list(adata.layers)})."
+        )
+    return adata.layers[layer]
+
+
+def _stored_values(matrix) -> np.ndarray:
+    if sparse.issparse(matrix):
+        return np.asarray(matrix.data)
+    return np.asarray(matrix)
+
+
+def check_not_empty(adata: AnnData, what: str = "adata") -> None:
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"{what} is empty ({adata.n_obs} cells x {adata.n_vars} genes); nothing to model."
+        )
+
+
+def check_matrix_values(matrix, what: str = "adata.X") -> InputKind:
+    """Reject NaN, infinite and negative values; tell raw counts from normalised data.
+
+    Returns
+    -------
+    ``"counts"`` when every value (in a sample of up to 5,000 cells) is a non-negative
+    integer, else ``"normalized"``.
+    """
+    values = _stored_values(matrix)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{what} holds non-numeric values ({values.dtype}).")
+    finite = np.isfinite(values)
+    if not finite.all():
+        n_nan = int(np.isnan(values).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise ValueError(
+            f"{what} contains {n_nan} NaN and {n_inf} infinite values; remove or impute them "
+            "before setting up the model."
+        )
+    if values.size and values.min() < 0:
+        raise ValueError(
+            f"{what} contains negative values (min {values.min():.3g}): it looks scaled or "
+            "centred. Give raw counts (or log-normalised values for models that accept them)."
+        )
+    rows = matrix[:_N_ROWS_SAMPLED]
+    sample = _stored_values(rows)
+    if sample.size == 0 or np.all(np.abs(sample - np.round(sample)) < 1e-6):
+        return "counts"
+    return "normalized"
+
+
+def require_counts(kind: InputKind, model_name: str, what: str = "adata.X") -> None:
+    """Raise when a model that models counts is given normalised data."""
+    if kind != "counts":
+        raise ValueError(
+            f"{model_name} needs raw counts, but {what} holds non-integer values (it looks "
+            "log-normalised). Register the raw counts, e.g. setup_anndata(adata, "
+            "layer='counts')."
+        )
+
+
+def check_obs_key(obs: pd.DataFrame, key: str | None, argument: str, what: str = "adata"):
+    """Raise a KeyError naming the argument when ``key`` is not a column of ``obs``."""
+    if key is not None and key not in obs.columns:
+        shown = ", ".join(map(repr, list(obs.columns)[:15]))
+        raise KeyError(f"{argument}={key!r} is not a column of {what}.obs (columns: {shown}).")
+
+
+def check_labels(
+    obs: pd.DataFrame, labels_key: str, unlabeled_category: str, what: str = "adata"
+) -> list[str]:
+    """Check a label column for missing values and at least two labelled classes.
+
+    Returns the labelled classes.
+    """
+    labels = obs[labels_key]
+    n_missing = int(labels.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"{what}.obs[{labels_key!r}] has {n_missing} missing (NaN) labels. Mark unlabelled "
+            f"cells with unlabeled_category={unlabeled_category!r} instead, e.g. "
+            f"adata.obs[{labels_key!r}] = adata.obs[{labels_key!r}].astype(object)"
+            f".fillna({unlabeled_category!r})."
+        )
+    classes = sorted({str(v) for v in labels.unique()} - {str(unlabeled_category)})
+    if len(classes) < 2:
+        raise ValueError(
+            f"{what}.obs[{labels_key!r}] has {len(classes)} labelled class(es) {classes}; a "
+            "classifier needs at least two (cells labelled "
+            f"{unlabeled_category!r} count as unlabelled)."
+        )
+    return classes

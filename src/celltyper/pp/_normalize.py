@@ -1,0 +1,46 @@
+"""Normalisation functions."""
+
+from __future__ import annotations
+
+import numpy as np
+from anndata import AnnData
+from scipy import sparse
+
+from celltyper.model.base._validation import check_matrix_values, get_matrix, require_counts
+
+
+def log1p_cpm(
+    adata: AnnData,
+    layer: str | None = None,
+    key_added: str = "log1p_cpm",
+    target_sum: float = 1e6,
+) -> None:
+    """Store log1p(counts per million) of raw counts in ``adata.layers[key_added]``.
+
+    The input that SCNYM works on (SCNYM also computes it itself from raw counts, so this is
+    only needed to inspect or reuse the values). The counts are left unchanged.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts.
+    layer
+        Layer holding the counts; ``None`` uses ``X``.
+    key_added
+        Layer to write.
+    target_sum
+        Total each cell is scaled to before ``log1p``.
+    """
+    counts = get_matrix(adata, layer)
+    require_counts(check_matrix_values(counts), "log1p_cpm", "the counts")
+    totals = np.asarray(counts.sum(axis=1)).reshape(-1).astype(np.float64)
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    if sparse.issparse(counts):
+        normalised = sparse.diags(scale) @ sparse.csr_matrix(counts, dtype=np.float64)
+        normalised = normalised.tocsr()
+        normalised.data = np.log1p(normalised.data)
+        adata.layers[key_added] = normalised.astype(np.float32)
+    else:
+        adata.layers[key_added] = np.log1p(np.asarray(counts) * scale[:, None]).astype(
+            np.float32
+        )
