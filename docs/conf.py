@@ -50,6 +50,8 @@ napoleon_use_param = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"show-inheritance": True}
+# Without this, numpy's ArrayLike is expanded into its full, unreadable Union.
+autodoc_type_aliases = {"ArrayLike": "numpy.typing.ArrayLike"}
 # API pages list their entries explicitly; no stub files are written into the source tree.
 autosummary_generate = False
 

@@ -112,9 +112,7 @@ def select_hvgs(adata: ad.AnnData, n_hvg: int, min_cells: int) -> pd.Index:
     return candidates.var_names[hvg["highly_variable"].to_numpy()]
 
 
-def select_cells(
-    obs: pd.DataFrame, n_control: int, n_stimulated: int, seed: int
-) -> np.ndarray:
+def select_cells(obs: pd.DataFrame, n_control: int, n_stimulated: int, seed: int) -> np.ndarray:
     """Return sorted integer positions of all labelled cells plus sampled unlabelled ones."""
     rng = np.random.default_rng(seed)
     labelled = obs[LABEL_KEY].notna().to_numpy()

@@ -216,6 +216,7 @@ def tiny_adata() -> ad.AnnData:
         index=[f"cell{i}" for i in range(n)],
     )
     obs.loc["cell0", "confidence"] = np.nan
+    obs.loc["cell1", "batch"] = np.nan
     adata = ad.AnnData(X=rng.poisson(1.0, (n, 8)).astype(np.float32), obs=obs)
     adata.obsm["X_latent"] = rng.normal(size=(n, 5)).astype(np.float32)
     return adata

@@ -150,7 +150,12 @@ def _draw_numeric(
         # share one fixed scale instead of stretching to each column's range.
         vmin, vmax = 0.0, 1.0
     mappable = ax.scatter(
-        *coords[finite].T, s=size, c=values[finite], cmap="viridis", vmin=vmin, vmax=vmax,
+        *coords[finite].T,
+        s=size,
+        c=values[finite],
+        cmap="viridis",
+        vmin=vmin,
+        vmax=vmax,
         linewidths=0,
     )
     fig.colorbar(mappable, ax=ax, shrink=0.8)
@@ -162,18 +167,14 @@ def _draw_categorical(ax: Axes, coords: np.ndarray, values: pd.Series, size: flo
     categories = list(labels.cat.categories)
     colors = _palette(len(categories))
     codes = labels.cat.codes.to_numpy()
-    point_colors = np.array(
-        [colors[c] if c >= 0 else _MISSING_COLOR for c in codes], dtype=object
-    )
-    ax.scatter(*coords.T, s=size, c=list(point_colors), linewidths=0)
+    point_colors = [colors[c] if c >= 0 else _MISSING_COLOR for c in codes]
+    ax.scatter(*coords.T, s=size, c=point_colors, linewidths=0)
     handles = [
         Line2D([], [], marker="o", linestyle="", color=colors[i], label=str(cat))
         for i, cat in enumerate(categories)
     ]
     if (codes < 0).any():
-        handles.append(
-            Line2D([], [], marker="o", linestyle="", color=_MISSING_COLOR, label="NA")
-        )
+        handles.append(Line2D([], [], marker="o", linestyle="", color=_MISSING_COLOR, label="NA"))
     ax.legend(
         handles=handles,
         loc="center left",
