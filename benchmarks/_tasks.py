@@ -48,6 +48,8 @@ def kang_control_to_stimulated(data_dir: Path = DEFAULT_DATA_DIR, n_hvg: int = 2
     labelled = labels.notna().to_numpy()
     keep = (control & labelled) | ~control
     adata = full[keep].copy()
+    # Library sizes over the whole transcriptome, before the genes are subset.
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).reshape(-1)
     adata.obs["true_label"] = adata.obs["cell_type_scgen_subset"].astype(object)
     adata.obs["true_label"] = adata.obs["true_label"].fillna(UNLABELLED).astype(str)
     is_control = (adata.obs["condition"] == "control").to_numpy()

@@ -29,6 +29,25 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(validation))
 
 
+def balanced_resample(indices: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``indices`` with every class brought to the size of the largest one.
+
+    Each class keeps all its cells, repeated whole as often as fits, topped up with a
+    random subset, so no cell is left out and minority classes weigh as much as the
+    majority in every epoch.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    target = counts.max() if len(counts) else 0
+    parts = []
+    for label, count in zip(classes, counts, strict=True):
+        members = indices[labels == label]
+        repeats, extra = divmod(target, count)
+        parts.append(np.tile(members, repeats))
+        parts.append(rng.choice(members, extra, replace=False))
+    return np.concatenate(parts) if parts else indices
+
+
 class LabelledUnlabelledSplitter(pl.LightningDataModule):
     """Yields ``[labelled_batch, unlabelled_batch]`` pairs; validates on labelled cells.
 
@@ -50,6 +69,9 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         Seed of the split.
     allow_unlabelled_only
         Accept data without a labelled cell (fine-tuning a query model on its own cells).
+    balance_classes
+        Oversample labelled training cells so that every class is as frequent as the
+        largest one (see :func:`balanced_resample`).
     """
 
     def __init__(
@@ -60,6 +82,7 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         batch_size: int = 256,
         seed: int = 0,
         allow_unlabelled_only: bool = False,
+        balance_classes: bool = False,
         **loader_kwargs,
     ):
         super().__init__()
@@ -74,6 +97,11 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
             raise ValueError("No labelled cell to train on: every cell is unlabelled.")
         train_pos, val_pos = stratified_split(codes[labelled], validation_size, seed)
         self.labelled_train_idx = labelled[train_pos]
+        self.labelled_sampling_idx = (
+            balanced_resample(self.labelled_train_idx, codes[self.labelled_train_idx], seed)
+            if balance_classes
+            else self.labelled_train_idx
+        )
         self.val_idx = labelled[val_pos]
         self.train_idx = np.sort(np.concatenate([self.labelled_train_idx, self.unlabelled_idx]))
         self.test_idx = np.array([], dtype=int)
@@ -85,7 +113,7 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         return n > self.batch_size and n % self.batch_size == 1
 
     def train_dataloader(self):
-        indices = [i for i in (self.labelled_train_idx, self.unlabelled_idx) if len(i)]
+        indices = [i for i in (self.labelled_sampling_idx, self.unlabelled_idx) if len(i)]
         return ConcatDataLoader(
             self.adata_manager,
             indices_list=indices,

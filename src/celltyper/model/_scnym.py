@@ -27,6 +27,7 @@ _COMMON = {
     "early_stopping_patience": 20,
     "batch_size": 256,
     "validation_size": 0.1,
+    "balance_classes": False,
     "optimizer": "Adadelta",
     "lr": 1.0,
     "weight_decay": 1e-4,
@@ -199,6 +200,7 @@ class SCNYM(CellTyperModel):
             batch_size=settings["batch_size"],
             seed=seed,
             allow_unlabelled_only=self._is_query_model,
+            balance_classes=settings["balance_classes"],
         )
         plan = self._training_plan_cls(
             self.module,

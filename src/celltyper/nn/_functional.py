@@ -28,19 +28,22 @@ def log1p_normalize(x: Tensor, target_sum: float | None = CPM_TARGET_SUM) -> Ten
     return torch.log1p(x / totals * scale)
 
 
-def drop_values_augmentation(
-    x_log: Tensor, rate: float = 0.1, target_sum: float = CPM_TARGET_SUM
-) -> Tensor:
+def drop_values_augmentation(x_log: Tensor, rate: float = 0.1) -> Tensor:
     """scNym's augmentation: drop a fraction of the values of log1p-normalised profiles.
 
     ``expm1`` -> elementwise dropout of ``rate`` of the entries -> rescale each cell back to
-    ``target_sum`` -> ``log1p``.
+    its own total before the dropout (1e6 for CPM over the modelled genes) -> ``log1p``.
+    Keeping each cell's total, rather than forcing 1e6, keeps profiles normalised by the
+    whole-transcriptome library size on their scale.
     """
     if rate <= 0:
         return x_log
     expression = torch.expm1(x_log)
-    keep = torch.rand_like(expression) >= rate
-    return log1p_normalize(expression * keep, target_sum=target_sum)
+    kept = expression * (torch.rand_like(expression) >= rate)
+    before = expression.sum(dim=1, keepdim=True)
+    after = kept.sum(dim=1, keepdim=True)
+    scale = torch.where(after > 0, before / after.clamp_min(1e-12), torch.ones_like(after))
+    return torch.log1p(kept * scale)
 
 
 def sharpen(probabilities: Tensor, temperature: float) -> Tensor:

@@ -80,6 +80,12 @@ class ClassifierTrainingPlan(pl.LightningModule):
         self.n_obs_training: int | None = None
         self.n_obs_validation: int | None = None
 
+    def on_train_epoch_start(self) -> None:
+        # scvi's TrainRunner and ArchesMixin leave the module in eval mode after a fit, and
+        # Lightning keeps submodule modes: without this a second train() or a query
+        # fine-tune would run with BatchNorm statistics and dropout frozen.
+        self.module.train()
+
     def configure_optimizers(self):
         return make_optimizer(
             self.module.parameters(), self.optimizer_name, self.lr, self.weight_decay

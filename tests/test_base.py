@@ -1,0 +1,282 @@
+"""Unit tests of the shared base: gene alignment, input checks, splitting, callbacks, seeding."""
+
+# The legacy global numpy RNG is what `seeded` must save and restore, so it is used on purpose.
+# ruff: noqa: NPY002
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from celltyper.data import stratified_split
+from celltyper.model.base import (
+    GeneOverlap,
+    align_genes,
+    check_labels,
+    check_matrix_values,
+    gene_identifier_type,
+    seeded,
+)
+from celltyper.train import RestoreBestWeights
+
+GENES = pd.Index(["a", "b", "c", "d"])
+MATRIX = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], dtype=np.float32)
+
+
+# -- align_genes --------------------------------------------------------------------------------
+@pytest.mark.parametrize("to_matrix", [np.asarray, sp.csr_matrix], ids=["dense", "sparse"])
+def test_align_genes_reorders(to_matrix):
+    reference = pd.Index(["d", "b", "a", "c"])
+    out, overlap = align_genes(to_matrix(MATRIX), GENES, reference)
+    dense = out.toarray() if sp.issparse(out) else out
+    np.testing.assert_array_equal(dense, MATRIX[:, [3, 1, 0, 2]])
+    assert sp.issparse(out) == (to_matrix is sp.csr_matrix)
+    assert dense.dtype == np.float32
+    assert overlap == GeneOverlap(4, 4, 4)
+    assert overlap.n_missing == 0 and overlap.fraction == 1.0
+
+
+@pytest.mark.parametrize("to_matrix", [np.asarray, sp.csr_matrix], ids=["dense", "sparse"])
+def test_align_genes_zero_fills_missing_and_drops_extra(to_matrix):
+    reference = pd.Index(["c", "x", "a", "b", "y"])  # x, y missing; d extra
+    with pytest.warns(UserWarning, match="2 of the model's 5 genes are missing"):
+        out, overlap = align_genes(to_matrix(MATRIX), GENES, reference, min_overlap=0.5)
+    dense = out.toarray() if sp.issparse(out) else out
+    expected = np.zeros((2, 5), dtype=np.float32)
+    expected[:, [0, 2, 3]] = MATRIX[:, [2, 0, 1]]
+    np.testing.assert_array_equal(dense, expected)
+    assert (overlap.n_reference, overlap.n_query, overlap.n_shared) == (5, 4, 3)
+    assert overlap.n_missing == 2 and overlap.n_extra == 1
+    assert overlap.fraction == pytest.approx(0.6)
+
+
+def test_align_genes_overlap_below_minimum_raises():
+    reference = pd.Index(["a", "x", "y", "z"])  # 25 % present
+    with pytest.raises(ValueError, match="min_gene_overlap") as info:
+        align_genes(MATRIX, GENES, reference, min_overlap=0.5)
+    assert "1 of the model's 4 genes" in str(info.value)
+    # The same overlap passes a lower bar.
+    with pytest.warns(UserWarning, match="3 of the model's 4"):
+        align_genes(MATRIX, GENES, reference, min_overlap=0.25)
+
+
+def test_align_genes_duplicates_raise():
+    with pytest.raises(ValueError, match="duplicated"):
+        align_genes(MATRIX, pd.Index(["a", "b", "a", "d"]), GENES[::-1])
+
+
+def test_align_genes_ensembl_vs_symbols_raises():
+    ensembl = pd.Index([f"ENSG{i:011d}" for i in range(4)])
+    with pytest.raises(ValueError, match="Ensembl"):
+        align_genes(MATRIX, ensembl, GENES)
+    with pytest.raises(ValueError, match="Ensembl"):
+        align_genes(MATRIX, GENES, ensembl)
+
+
+def test_align_genes_identity_returns_same_object():
+    for matrix in (MATRIX, sp.csr_matrix(MATRIX)):
+        out, overlap = align_genes(matrix, GENES, pd.Index(list(GENES)))
+        assert out is matrix
+        assert overlap.fraction == 1.0
+
+
+def test_gene_identifier_type():
+    assert gene_identifier_type(pd.Index(["ENSG00000141510", "ENSG00000012048.21"])) == "ensembl"
+    assert gene_identifier_type(pd.Index(["ENSMUSG00000059552"])) == "ensembl"
+    assert gene_identifier_type(pd.Index(["TP53", "BRCA1", "CD3E"])) == "symbol"
+    assert gene_identifier_type(pd.Index([])) == "symbol"
+
+
+# -- check_matrix_values -----------------------------------------------------------------------
+def test_check_matrix_values_counts_vs_normalized():
+    counts = np.array([[0, 3, 1], [2, 0, 7]])
+    assert check_matrix_values(counts) == "counts"
+    assert check_matrix_values(counts.astype(np.float32)) == "counts"
+    assert check_matrix_values(sp.csr_matrix(counts, dtype=np.float32)) == "counts"
+    assert check_matrix_values(np.zeros((0, 3))) == "counts"
+    lognorm = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    assert check_matrix_values(lognorm) == "normalized"
+    assert check_matrix_values(sp.csr_matrix(lognorm)) == "normalized"
+
+
+@pytest.mark.parametrize(
+    ("value", "match"), [(np.nan, "NaN"), (np.inf, "infinite"), (-1.0, "negative")]
+)
+@pytest.mark.parametrize("to_matrix", [np.asarray, sp.csr_matrix], ids=["dense", "sparse"])
+def test_check_matrix_values_rejects(value, match, to_matrix):
+    matrix = np.array([[1.0, 2.0], [3.0, 4.0]])
+    matrix[1, 0] = value
+    with pytest.raises(ValueError, match=match) as info:
+        check_matrix_values(to_matrix(matrix), "my.X")
+    assert "my.X" in str(info.value)
+
+
+def test_check_matrix_values_rejects_non_numeric():
+    with pytest.raises(ValueError, match="non-numeric"):
+        check_matrix_values(np.array([["a", "b"]], dtype=object))
+
+
+# -- check_labels -------------------------------------------------------------------------------
+def test_check_labels():
+    obs = pd.DataFrame({"y": ["B", "A", "Unknown", "A"]})
+    assert check_labels(obs, "y", "Unknown") == ["A", "B"]
+    with pytest.raises(ValueError, match="at least two"):
+        check_labels(pd.DataFrame({"y": ["A", "Unknown", "A"]}), "y", "Unknown")
+    with pytest.raises(ValueError, match="1 missing"):
+        check_labels(pd.DataFrame({"y": ["A", None, "B"]}), "y", "Unknown")
+
+
+# -- stratified_split ------------------------------------------------------------------------
+def test_stratified_split_every_class_in_train_and_sizes():
+    labels = np.array([0] * 50 + [1] * 20 + [2] * 1 + [3] * 3)
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    train, val = stratified_split(labels, 0.2, seed=0)
+    assert np.intersect1d(train, val).size == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(len(labels)))
+    assert (np.diff(train) > 0).all() and (np.diff(val) > 0).all()
+    assert set(labels[train]) == {0, 1, 2, 3}
+    counts = pd.Series(labels[val]).value_counts().to_dict()
+    assert counts.get(0) == 10 and counts.get(1) == 4
+    assert counts.get(2, 0) == 0  # a single cell stays in training
+    assert counts.get(3, 0) == 1
+
+
+def test_stratified_split_seeding_and_bounds():
+    labels = np.repeat([0, 1, 2], 30)
+    a, b = stratified_split(labels, 0.3, seed=1), stratified_split(labels, 0.3, seed=1)
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], stratified_split(labels, 0.3, seed=2)[1])
+    train, val = stratified_split(labels, 0.0)
+    assert len(val) == 0 and len(train) == len(labels)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="validation_size"):
+            stratified_split(labels, bad)
+
+
+# -- RestoreBestWeights ----------------------------------------------------------------------
+def _fake_trainer(epoch, score, monitor="validation_loss", sanity=False):
+    metrics = {} if score is None else {monitor: torch.tensor(score)}
+    return SimpleNamespace(sanity_checking=sanity, callback_metrics=metrics, current_epoch=epoch)
+
+
+def _set_weight(pl_module, value):
+    with torch.no_grad():
+        pl_module.module.weight.fill_(value)  # in place: the stored copy must not follow
+
+
+def test_restore_best_weights_min_mode():
+    pl_module = SimpleNamespace(module=nn.Linear(3, 2))
+    callback = RestoreBestWeights("validation_loss", "min")
+    for epoch, (weight, loss) in enumerate([(0.0, 3.0), (1.0, 1.0), (2.0, 2.0), (3.0, 1.5)]):
+        _set_weight(pl_module, weight)
+        callback.on_validation_epoch_end(_fake_trainer(epoch, loss), pl_module)
+    # Sanity checks and epochs without the metric are ignored.
+    _set_weight(pl_module, 9.0)
+    callback.on_validation_epoch_end(_fake_trainer(4, 0.1, sanity=True), pl_module)
+    callback.on_validation_epoch_end(_fake_trainer(5, None), pl_module)
+    assert callback.best_epoch == 1 and callback.best_score == 1.0
+    callback.on_train_end(_fake_trainer(5, None), pl_module)
+    assert torch.equal(pl_module.module.weight, torch.full((2, 3), 1.0))
+
+
+def test_restore_best_weights_max_mode_and_validation():
+    pl_module = SimpleNamespace(module=nn.Linear(2, 2))
+    callback = RestoreBestWeights("validation_accuracy", "max")
+    for epoch, (weight, acc) in enumerate([(0.0, 0.5), (1.0, 0.9), (2.0, 0.7)]):
+        _set_weight(pl_module, weight)
+        callback.on_validation_epoch_end(
+            _fake_trainer(epoch, acc, monitor="validation_accuracy"), pl_module
+        )
+    callback.on_train_end(None, pl_module)
+    assert torch.equal(pl_module.module.weight, torch.full((2, 2), 1.0))
+    with pytest.raises(ValueError, match="mode"):
+        RestoreBestWeights(mode="best")
+
+
+def test_restore_best_weights_without_validation_keeps_weights():
+    pl_module = SimpleNamespace(module=nn.Linear(2, 2))
+    _set_weight(pl_module, 4.0)
+    RestoreBestWeights().on_train_end(None, pl_module)
+    assert torch.equal(pl_module.module.weight, torch.full((2, 2), 4.0))
+
+
+def test_restore_best_weights_in_a_lightning_fit():
+    """In a real fit the callback sees the current epoch's metric (not the previous one)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    losses = [3.0, 1.0, 2.0, 2.5]
+
+    class Plan(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(1, 1, bias=False)
+
+        def training_step(self, batch, batch_idx):
+            # Weights during epoch e's validation: 10 + e.
+            with torch.no_grad():
+                self.module.weight.fill_(10.0 + self.current_epoch)
+            return (self.module(batch[0]) ** 2).mean() * 0.0
+
+        def validation_step(self, batch, batch_idx):
+            self.log("validation_loss", losses[self.current_epoch], on_epoch=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loader = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=4)
+    plan, callback = Plan(), RestoreBestWeights()
+    trainer = pl.Trainer(
+        max_epochs=len(losses),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(plan, loader, loader)
+    assert callback.best_epoch == 1 and callback.best_score == 1.0
+    assert plan.module.weight.item() == 11.0
+
+
+# -- seeded ---------------------------------------------------------------------------------
+def test_seeded_is_reproducible_and_restores_caller_rng():
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    with seeded(7):
+        first = draws()
+    with seeded(7):
+        second = draws()
+    assert first == second
+    with seeded(8):
+        assert draws() != first
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    with seeded(7):
+        draws()
+    after = draws()
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    assert after == draws()
+
+    # seed=None does nothing: the caller's stream continues.
+    np.random.seed(3)
+    expected = np.random.rand(2)
+    np.random.seed(3)
+    with seeded(None):
+        value = np.random.rand()
+    assert value == expected[0] and np.random.rand() == expected[1]

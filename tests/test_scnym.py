@@ -1,0 +1,462 @@
+"""SCNYM: its building blocks, its training plan, configurations, novelty and interpretation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import NOVEL_TYPE, assert_unchanged, log_normalize, make_counts_adata, snapshot
+from scvi import REGISTRY_KEYS
+
+from celltyper.model import SCNYM
+from celltyper.model._scnym import SCNYM_CONFIGS
+from celltyper.nn import (
+    DomainAdversary,
+    GradientReversal,
+    drop_values_augmentation,
+    grad_reverse,
+    linear_ramp,
+    log1p_normalize,
+    mixup,
+    sample_dominant_mixup_lambda,
+    sharpen,
+    sigmoid_ramp,
+    soft_cross_entropy,
+)
+from celltyper.train import MixMatchTrainingPlan
+
+QUIET = {"enable_progress_bar": False}
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(dim=1)
+
+
+# -- functional building blocks --------------------------------------------------------------
+def test_sharpen_hand_computed():
+    p = torch.tensor([[0.6, 0.3, 0.1], [0.25, 0.25, 0.5]])
+    out = sharpen(p, 0.5)
+    # p ** 2 renormalised: [.36, .09, .01] / .46 and [.0625, .0625, .25] / .375
+    expected = torch.tensor([[0.36 / 0.46, 0.09 / 0.46, 0.01 / 0.46], [1 / 6, 1 / 6, 2 / 3]])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(sharpen(p, 1.0), p)
+
+
+def test_sharpen_lower_temperature_lowers_entropy():
+    p = torch.softmax(torch.randn(20, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    entropies = [_entropy(sharpen(p, t)) for t in (1.0, 0.5, 0.25, 0.1)]
+    for higher, lower in itertools.pairwise(entropies):
+        assert (lower < higher).all()
+    # The argmax never changes.
+    assert torch.equal(sharpen(p, 0.1).argmax(1), p.argmax(1))
+    with pytest.raises(ValueError, match="temperature"):
+        sharpen(p, 0.0)
+
+
+def test_sample_dominant_mixup_lambda():
+    torch.manual_seed(0)
+    lam = sample_dominant_mixup_lambda(2000, 0.3, "cpu")
+    assert lam.shape == (2000,)
+    assert (lam >= 0.5).all() and (lam <= 1.0).all()
+    assert lam.std() > 0.05  # random, not a constant
+    # Beta(0.3, 0.3) puts most mass near 0 and 1, so max(l, 1-l) is mostly near 1.
+    assert (lam > 0.9).float().mean() > 0.3
+    assert torch.equal(sample_dominant_mixup_lambda(5, 0.0, "cpu"), torch.ones(5))
+
+
+def test_mixup_is_convex_combination():
+    g = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    y, y2 = torch.eye(4)[:, :2], torch.eye(4)[[1, 0, 3, 2]][:, :2]
+    lam = torch.tensor([1.0, 0.5, 0.75, 0.9])
+    xm, ym = mixup(x, y, x2, y2, lam)
+    for i in range(4):
+        torch.testing.assert_close(xm[i], lam[i] * x[i] + (1 - lam[i]) * x2[i])
+        torch.testing.assert_close(ym[i], lam[i] * y[i] + (1 - lam[i]) * y2[i])
+    torch.testing.assert_close(xm[0], x[0])
+
+
+def test_soft_cross_entropy_matches_hard_labels():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(
+        soft_cross_entropy(logits, torch.eye(3)[labels]),
+        torch.nn.functional.cross_entropy(logits, labels),
+    )
+
+
+def test_grad_reverse_flips_and_scales_gradient():
+    x = torch.randn(5, 3, requires_grad=True)
+    y = grad_reverse(x, 0.3)
+    torch.testing.assert_close(y, x)  # identity forward
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, -0.3))
+
+    x.grad = None
+    (grad_reverse(x, 1.0) * 2.0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, -2.0))
+
+    layer = GradientReversal(0.5)
+    x.grad = None
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, -0.5))
+
+
+def test_domain_adversary_reverses_gradient_to_its_input():
+    torch.manual_seed(0)
+    adversary = DomainAdversary(4, 3, n_hidden=8)
+    h = torch.randn(6, 4, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = torch.nn.functional.cross_entropy(adversary(h, reversal_weight=0.7), target)
+    (g_reversed,) = torch.autograd.grad(loss, h)
+    plain = torch.nn.functional.cross_entropy(adversary.layers(h), target)
+    (g_plain,) = torch.autograd.grad(plain, h)
+    torch.testing.assert_close(g_reversed, -0.7 * g_plain)
+
+
+def test_linear_ramp_values():
+    assert linear_ramp(0, 10) == 0.0
+    assert linear_ramp(5, 10) == pytest.approx(0.5)
+    assert linear_ramp(10, 10) == 1.0
+    assert linear_ramp(25, 10) == 1.0
+    assert linear_ramp(-3, 10) == 0.0
+    assert linear_ramp(5, 10, max_value=2.0) == pytest.approx(1.0)
+    assert linear_ramp(4, 10, burn_in=4) == 0.0
+    assert linear_ramp(9, 10, burn_in=4) == pytest.approx(0.5)
+    assert linear_ramp(3, 0, max_value=0.7) == 0.7
+
+
+def test_sigmoid_ramp_values():
+    assert sigmoid_ramp(0, 20) == pytest.approx(math.exp(-5.0))
+    assert sigmoid_ramp(10, 20) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_ramp(20, 20) == pytest.approx(1.0)
+    assert sigmoid_ramp(50, 20) == pytest.approx(1.0)
+    assert sigmoid_ramp(10, 20, max_value=0.1) == pytest.approx(0.1 * math.exp(-1.25))
+    values = [sigmoid_ramp(e, 20) for e in range(21)]
+    assert values == sorted(values)
+    assert sigmoid_ramp(5, 0, max_value=0.3) == 0.3
+
+
+def _counts_tensor(n_cells=300, n_genes=400, seed=0):
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(rng.gamma(0.5, 2.0, size=n_genes), size=(n_cells, n_genes))
+    counts[:, 0] += 1  # no empty cell
+    return torch.tensor(counts, dtype=torch.float32)
+
+
+def test_log1p_normalize_is_log_cpm():
+    counts = _counts_tensor(20, 30)
+    expected = np.log1p(counts.numpy() / counts.numpy().sum(1, keepdims=True) * 1e6)
+    np.testing.assert_allclose(log1p_normalize(counts).numpy(), expected, rtol=1e-5)
+    # An all-zero cell stays zero instead of NaN.
+    zero = log1p_normalize(torch.zeros(2, 5))
+    assert torch.equal(zero, torch.zeros(2, 5))
+
+
+def test_drop_values_augmentation():
+    torch.manual_seed(0)
+    counts = _counts_tensor()
+    x_log = log1p_normalize(counts)
+    out = drop_values_augmentation(x_log, rate=0.1)
+    expression_in, expression_out = torch.expm1(x_log), torch.expm1(out)
+    # Each cell is rescaled back to 1e6.
+    torch.testing.assert_close(
+        expression_out.sum(dim=1), torch.full((counts.shape[0],), 1e6), rtol=1e-4, atol=0
+    )
+    nonzero = expression_in > 0
+    dropped = nonzero & (expression_out == 0)
+    assert not (~nonzero & (expression_out > 0)).any(), "zeros must stay zero"
+    assert 0.08 < dropped.sum() / nonzero.sum() < 0.12
+    # Kept values keep their proportions within a cell.
+    ratio = expression_out[nonzero & ~dropped] / expression_in[nonzero & ~dropped]
+    row = torch.nonzero(nonzero & ~dropped)[:, 0]
+    per_row = ratio[row == 0]
+    torch.testing.assert_close(
+        per_row, torch.full_like(per_row, per_row[0].item()), rtol=1e-3, atol=0
+    )
+    assert drop_values_augmentation(x_log, rate=0.0) is x_log
+    # Profiles not at 1e6 (CPM over a gene subset) keep their own totals.
+    x_half = torch.log1p(expression_in * 0.5)
+    out_half = drop_values_augmentation(x_half, rate=0.1)
+    torch.testing.assert_close(
+        torch.expm1(out_half).sum(dim=1), torch.full((counts.shape[0],), 5e5), rtol=1e-4, atol=0
+    )
+
+
+# -- training plan ------------------------------------------------------------------------------
+@pytest.fixture
+def small_model():
+    adata = make_counts_adata(cells_per=20, n_genes=50)
+    SCNYM.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    return SCNYM(adata, n_hidden=16), adata
+
+
+def test_mixmatch_weights_follow_ramps(small_model):
+    model, _ = small_model
+    plan = MixMatchTrainingPlan(
+        model.module,
+        unsup_max_weight=2.0,
+        n_epochs_unsup_ramp=10,
+        adversary_max_weight=0.5,
+        n_epochs_adversary_ramp=4,
+    )
+    for epoch in (0, 2.5, 5, 10, 30):
+        assert plan.unsup_weight(epoch) == pytest.approx(linear_ramp(epoch, 10, 2.0))
+        assert plan.adversary_weight(epoch) == pytest.approx(sigmoid_ramp(epoch, 4, 0.5))
+    assert plan.unsup_weight(5) == pytest.approx(1.0)
+    assert plan.adversary_weight(2) == pytest.approx(0.5 * math.exp(-5 * 0.25))
+    assert plan.adversary_weight(4) == pytest.approx(0.5)
+
+
+def _minibatch(adata, model):
+    codes = model.get_from_registry(adata, REGISTRY_KEYS.LABELS_KEY).reshape(-1, 1)
+    batches = model.get_from_registry(adata, REGISTRY_KEYS.BATCH_KEY).reshape(-1, 1)
+    return {
+        REGISTRY_KEYS.X_KEY: torch.tensor(np.asarray(adata.X.todense())),
+        REGISTRY_KEYS.LABELS_KEY: torch.tensor(np.asarray(codes)),
+        REGISTRY_KEYS.BATCH_KEY: torch.tensor(np.asarray(batches)),
+    }
+
+
+def _run_step(model, adata, epoch, **plan_kwargs):
+    plan = MixMatchTrainingPlan(model.module, **plan_kwargs)
+    logged = {}
+    plan.log = lambda name, value, **_: logged.__setitem__(name, float(value))
+    plan.epoch_progress = lambda batch_idx: epoch
+    torch.manual_seed(0)
+    loss = plan.training_step(_minibatch(adata, model), 0)
+    return loss, logged
+
+
+def test_mixmatch_training_step_combines_losses_with_ramped_weights(small_model):
+    model, adata = small_model
+    kwargs = dict(
+        unsup_max_weight=2.0,
+        n_epochs_unsup_ramp=10,
+        adversary_max_weight=0.5,
+        n_epochs_adversary_ramp=4,
+    )
+    loss, logged = _run_step(model, adata, 5.0, **kwargs)
+    assert logged["unsupervised_weight"] == pytest.approx(1.0)
+    assert logged["adversarial_weight"] == pytest.approx(sigmoid_ramp(5.0, 4, 0.5))
+    expected = (
+        logged["train_supervised_loss"]
+        + logged["unsupervised_weight"] * logged["train_unsupervised_loss"]
+        + logged["adversarial_weight"] * logged["train_adversarial_loss"]
+    )
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert logged["train_unsupervised_loss"] > 0 and logged["train_adversarial_loss"] > 0
+    loss.backward()
+    assert model.module.classifier.weight.grad is not None
+
+
+def test_pseudolabel_min_confidence_filters_unlabelled_cells(small_model):
+    model, adata = small_model
+    _, everyone = _run_step(model, adata, 5.0, pseudolabel_min_confidence=0.0)
+    assert everyone["confident_fraction"] == 1.0
+    _, nobody = _run_step(model, adata, 5.0, pseudolabel_min_confidence=1.01)
+    assert nobody["confident_fraction"] == 0.0
+    assert nobody["train_unsupervised_loss"] == 0.0
+
+
+# -- configurations and keyword overrides ------------------------------------------------------
+@pytest.fixture
+def captured_training(small_model, monkeypatch):
+    """Replace the actual fit: record the plan, splitter and options ``train`` builds."""
+    model, _ = small_model
+    calls = []
+
+    def fake_run_training(self, plan, splitter, max_epochs, **kwargs):
+        calls.append({"plan": plan, "splitter": splitter, "max_epochs": max_epochs, **kwargs})
+
+    monkeypatch.setattr(SCNYM, "_run_training", fake_run_training)
+    return model, calls
+
+
+def test_train_uses_discovery_config(captured_training):
+    model, calls = captured_training
+    model.train(config="new_identity_discovery")
+    plan = calls[-1]["plan"]
+    assert isinstance(plan, MixMatchTrainingPlan)
+    assert plan.pseudolabel_min_confidence == 0.9
+    assert plan.adversary_confident_only is True
+    assert calls[-1]["max_epochs"] == SCNYM_CONFIGS["new_identity_discovery"]["max_epochs"]
+    assert calls[-1]["min_epochs"] == SCNYM_CONFIGS["new_identity_discovery"]["min_epochs"]
+
+
+def test_train_default_config_and_all_plan_settings(captured_training):
+    model, calls = captured_training
+    model.train()
+    plan, config = calls[-1]["plan"], SCNYM_CONFIGS["no_new_identity"]
+    assert plan.pseudolabel_min_confidence == 0.0
+    assert plan.adversary_confident_only is False
+    assert plan.optimizer_name == config["optimizer"] and plan.lr == config["lr"]
+    assert plan.weight_decay == config["weight_decay"]
+    assert plan.sharpen_temperature == config["sharpen_temperature"]
+    assert plan.mixup_alpha == config["mixup_alpha"]
+    assert plan.n_epochs_unsup_ramp == config["n_epochs_unsup_ramp"]
+    assert plan.adversary_max_weight == config["adversary_max_weight"]
+    assert calls[-1]["early_stopping_patience"] == config["early_stopping_patience"]
+    assert calls[-1]["splitter"].batch_size == config["batch_size"]
+    assert calls[-1]["seed"] == 0  # the model's seed
+
+
+def test_train_respects_edited_configs(captured_training, monkeypatch):
+    model, calls = captured_training
+    monkeypatch.setitem(SCNYM.configs["no_new_identity"], "sharpen_temperature", 0.25)
+    model.train()
+    assert calls[-1]["plan"].sharpen_temperature == 0.25
+
+
+def test_train_keyword_overrides(captured_training):
+    model, calls = captured_training
+    before = {name: dict(config) for name, config in SCNYM_CONFIGS.items()}
+    model.train(
+        max_epochs=3,
+        config="new_identity_discovery",
+        lr=0.5,
+        pseudolabel_min_confidence=0.7,
+        batch_size=32,
+        gradient_clip_val=1.0,
+        seed=5,
+    )
+    call = calls[-1]
+    assert call["max_epochs"] == 3
+    assert call["plan"].lr == 0.5
+    assert call["plan"].pseudolabel_min_confidence == 0.7
+    assert call["plan"].adversary_confident_only is True  # untouched keys keep the config
+    assert call["splitter"].batch_size == 32
+    assert call["gradient_clip_val"] == 1.0  # unknown keys go to the trainer
+    assert call["seed"] == 5
+    assert SCNYM_CONFIGS == before, "train() must not modify the shared configurations"
+
+
+def test_unknown_config_raises(small_model):
+    model, _ = small_model
+    with pytest.raises(ValueError, match="no_new_identity"):
+        model.train(config="bogus")
+    with pytest.raises(ValueError, match="max_epochs"):
+        model.train(max_epochs=0, **QUIET)
+
+
+# -- behaviour on synthetic data ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def discovery():
+    """SCNYM trained 30 epochs (new_identity_discovery) on ~100 cells per type and batch."""
+    adata = make_counts_adata(cells_per=100, seed=0)
+    SCNYM.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = SCNYM(adata, n_hidden=64)
+    model.train(max_epochs=30, config="new_identity_discovery", **QUIET)
+    return model, adata
+
+
+def test_training_loss_decreases(discovery):
+    model, _ = discovery
+    loss = model.history["train_loss"].to_numpy().ravel()
+    assert len(loss) >= 5
+    assert loss[-3:].mean() < 0.6 * loss[0]
+    supervised = model.history["train_supervised_loss"].to_numpy().ravel()
+    assert supervised[-1] < supervised[0]
+
+
+def test_logged_weights_follow_ramps(discovery):
+    model, _ = discovery
+    config = SCNYM_CONFIGS["new_identity_discovery"]
+    unsup = model.history["unsupervised_weight"].to_numpy().ravel()
+    adv = model.history["adversarial_weight"].to_numpy().ravel()
+    for epoch, (w_u, w_a) in enumerate(zip(unsup, adv, strict=True)):
+        low = linear_ramp(epoch, config["n_epochs_unsup_ramp"], config["unsup_max_weight"])
+        high = linear_ramp(epoch + 1, config["n_epochs_unsup_ramp"], config["unsup_max_weight"])
+        assert low - 1e-6 <= w_u <= high + 1e-6
+        ramp, top = config["n_epochs_adversary_ramp"], config["adversary_max_weight"]
+        low, high = sigmoid_ramp(epoch, ramp, top), sigmoid_ramp(epoch + 1, ramp, top)
+        assert low - 1e-6 <= w_a <= high + 1e-6
+
+
+def test_novel_type_scores_higher_novelty(discovery):
+    model, adata = discovery
+    table = model.annotation_table()
+    novel = (adata.obs["cell_type"] == NOVEL_TYPE).to_numpy()
+    known = ~novel
+    assert NOVEL_TYPE not in model.cell_types
+    assert table["novelty"][novel].mean() > table["novelty"][known].mean()
+    assert table["confidence"][novel].mean() < table["confidence"][known].mean()
+    assert table["novel"][novel].mean() > 0.5
+    assert table["novel"][known].mean() < 0.25
+    # Known types, in both batches, are classified correctly.
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    accuracy = (table["prediction"].astype(str).to_numpy()[known] == truth[known]).mean()
+    assert accuracy > 0.9
+
+
+def test_interpret_ranks_marker_genes(discovery):
+    model, adata = discovery
+    n_target = int((adata.obs["cell_type"] == "T1").sum())
+    ranking, per_cell = model.interpret(
+        groupby="cell_type", target="T1", n_samples=16, max_cells=40, seed=0
+    )
+    assert list(ranking.columns) == ["gene", "mean_attribution", "mean_abs_attribution"]
+    assert ranking["mean_attribution"].is_monotonic_decreasing
+    assert sorted(ranking["gene"]) == sorted(adata.var_names)
+    assert per_cell.shape == (min(40, n_target), adata.n_vars)
+    assert list(per_cell.columns) == list(adata.var_names)
+    assert set(per_cell.index) <= set(adata.obs_names[adata.obs["cell_type"] == "T1"])
+    np.testing.assert_allclose(
+        ranking.set_index("gene")["mean_attribution"].loc[per_cell.columns].to_numpy(),
+        per_cell.mean(axis=0).to_numpy(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    markers = set(adata.var_names[adata.var["marker_of"] == "T1"])
+    # The random gamma profiles separate the types too, so the markers share the top with
+    # other informative genes; they must still be clearly enriched. By chance, 1 of the top
+    # 10 would be a marker and the markers' mean rank would be ~50 (sd ~9).
+    top = set(ranking["gene"].head(10))
+    assert len(top & markers) >= 3, f"top genes {sorted(top)} vs markers {sorted(markers)}"
+    ranks = np.flatnonzero(ranking["gene"].isin(markers))
+    assert ranks.mean() < 30, f"marker ranks {ranks.tolist()}"
+
+
+def test_interpret_bad_arguments(discovery):
+    model, _ = discovery
+    with pytest.raises(KeyError, match="nope"):
+        model.interpret(groupby="nope", target="T1")
+    with pytest.raises(ValueError, match="T9"):
+        model.interpret(groupby="cell_type", target="T9")
+    with pytest.raises(ValueError, match="cell_type"):
+        model.interpret(groupby="cell_type", target="T1", cell_type="Nope", n_samples=2)
+
+
+# -- counts vs log-normalised input ------------------------------------------------------------
+def test_counts_are_normalised_by_the_module():
+    adata = make_counts_adata(cells_per=10, n_genes=40)
+    SCNYM.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = SCNYM(adata, n_hidden=16)
+    assert model.input_kind_ == "counts"
+    assert model.module.normalize_counts is True
+    x = torch.tensor(np.asarray(adata.X.todense()))
+    expected = np.log1p(x.numpy() / x.numpy().sum(1, keepdims=True) * 1e6)
+    out = model.module.log_expression({REGISTRY_KEYS.X_KEY: x})
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5)
+    # The user's counts are not touched.
+    assert float(adata.X.max()) == float(np.round(adata.X.max()))
+
+
+def test_lognormalised_input_is_used_as_is_and_kinds_cannot_be_mixed():
+    counts = make_counts_adata(cells_per=10, n_genes=40)
+    lognorm = log_normalize(counts)
+    SCNYM.setup_anndata(lognorm, labels_key="train_label", batch_key="batch")
+    model = SCNYM(lognorm, n_hidden=16)
+    assert model.input_kind_ == "normalized"
+    assert model.module.normalize_counts is False
+    x = torch.tensor(np.asarray(lognorm.X))
+    assert torch.equal(model.module.log_expression({REGISTRY_KEYS.X_KEY: x}), x)
+    model.train(max_epochs=1, **QUIET)
+    assert len(model.predict(log_normalize(counts))) == counts.n_obs
+    before = snapshot(counts)
+    with pytest.raises(ValueError, match="log-normalised"):
+        model.predict(counts)
+    assert_unchanged(counts, before)
