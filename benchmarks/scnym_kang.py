@@ -66,12 +66,25 @@ METHODS: dict[str, Callable] = {
 }
 
 
+def _summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation of every metric per method over the seeds."""
+    summary = []
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = [row for row in rows if row["method"] == method]
+        entry = {"method": method, "n_seeds": len(mine)}
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "train_seconds"):
+            values = np.array([row[key] for row in mine])
+            entry[key], entry[f"{key}_sd"] = float(values.mean()), float(values.std())
+        summary.append(entry)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="2-3 epochs, to check the wiring")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
@@ -84,27 +97,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"Task {task.name}: {n_ref} labelled reference cells, "
         f"{task.adata.n_obs - n_ref} unlabelled query cells, {int(task.scored.sum())} scored, "
-        f"{task.adata.n_vars} genes"
+        f"{task.adata.n_vars} genes; seeds {args.seeds}"
     )
     rows = []
-    for name in args.methods:
-        start = time.perf_counter()
-        predictions = METHODS[name](task, args.quick, args.seed)
-        seconds = time.perf_counter() - start
-        rows.append({"method": name, **classification_scores(task.y_true, predictions),
-                     "train_seconds": seconds})
-        print(f"  finished {name} in {seconds:.0f} s", flush=True)
+    for seed in args.seeds:
+        for name in args.methods:
+            start = time.perf_counter()
+            predictions = METHODS[name](task, args.quick, seed)
+            seconds = time.perf_counter() - start
+            scores = classification_scores(task.y_true, predictions)
+            rows.append({"method": name, "seed": seed, **scores, "train_seconds": seconds})
+            print(
+                f"  seed {seed} {name}: balanced accuracy {scores['balanced_accuracy']:.3f} "
+                f"in {seconds:.0f} s",
+                flush=True,
+            )
 
-    header = f"| {'method':8} | accuracy | balanced accuracy | macro F1 | train s |"
-    print("\n" + header + "\n|" + "---|" * 5)
-    for row in rows:
+    summary = _summarise(rows)
+    print(
+        "\n| method | accuracy | balanced accuracy | macro F1 | train s | seeds |\n"
+        "|---|---|---|---|---|---|"
+    )
+    for row in summary:
         print(
-            f"| {row['method']:8} | {row['accuracy']:.3f} | {row['balanced_accuracy']:.3f} "
-            f"| {row['macro_f1']:.3f} | {row['train_seconds']:.0f} |"
+            f"| {row['method']} | {row['accuracy']:.3f} ± {row['accuracy_sd']:.3f} "
+            f"| {row['balanced_accuracy']:.3f} ± {row['balanced_accuracy_sd']:.3f} "
+            f"| {row['macro_f1']:.3f} ± {row['macro_f1_sd']:.3f} "
+            f"| {row['train_seconds']:.0f} | {row['n_seeds']} |"
         )
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
-    return rows
+        args.json.write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
+    return summary
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def counts_adata_factory():
     return make_counts_adata
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """``../shared/data`` next to the repository; skips the test when it is absent."""
     path = Path(__file__).resolve().parents[1].parent / "shared" / "data"

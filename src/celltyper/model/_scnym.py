@@ -27,7 +27,7 @@ _COMMON = {
     "early_stopping_patience": 20,
     "batch_size": 256,
     "validation_size": 0.1,
-    "balance_classes": False,
+    "balance_classes": True,
     "optimizer": "Adadelta",
     "lr": 1.0,
     "weight_decay": 1e-4,

@@ -41,6 +41,4 @@ def log1p_cpm(
         normalised.data = np.log1p(normalised.data)
         adata.layers[key_added] = normalised.astype(np.float32)
     else:
-        adata.layers[key_added] = np.log1p(np.asarray(counts) * scale[:, None]).astype(
-            np.float32
-        )
+        adata.layers[key_added] = np.log1p(np.asarray(counts) * scale[:, None]).astype(np.float32)

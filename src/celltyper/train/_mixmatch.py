@@ -25,8 +25,9 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
     """scNym's training: MixMatch on unlabelled cells and a domain adversary.
 
     Each step receives minibatches (a list, as from ``LabelledUnlabelledSplitter``, or one
-    dict); cells are labelled when their label code is a reference class. Labelled and unlabelled profiles are augmented; the teacher (the network
-    itself, without gradient) gives sharpened pseudo-labels for the unlabelled cells; both
+    dict); cells are labelled when their label code is a reference class. Labelled and
+    unlabelled profiles are augmented; the teacher (the network itself, without gradient)
+    gives sharpened pseudo-labels for the unlabelled cells; both
     sets are mixed with a shuffled union of the two (dominant mixup weights); the loss is
     soft-label cross-entropy on mixed labelled cells + ramped MSE on mixed unlabelled cells
     + ramped adversarial cross-entropy through gradient reversal.

@@ -245,8 +245,7 @@ class AnnotationMixin:
         existing += [obsm_key] if obsm_key in target.obsm else []
         if existing and not overwrite:
             raise ValueError(
-                f"annotate() would overwrite {existing}; pass overwrite=True or another "
-                "key_added."
+                f"annotate() would overwrite {existing}; pass overwrite=True or another key_added."
             )
         table, latent = self._annotation_outputs(adata, None, batch_size, novelty_threshold)
         if len(table) != target.n_obs:
@@ -290,9 +289,7 @@ class AnnotationMixin:
         codes = codes.reshape(-1)
         labelled = codes < len(self.cell_types)
         held_out = getattr(self, "validation_indices", None)
-        candidates = (
-            np.asarray(held_out, dtype=int) if held_out is not None else np.array([], int)
-        )
+        candidates = np.asarray(held_out, dtype=int) if held_out is not None else np.array([], int)
         candidates = candidates[labelled[candidates]] if len(candidates) else candidates
         if len(candidates) < 10:
             warnings.warn(
@@ -363,7 +360,7 @@ class AnnotationMixin:
         if adata is None:
             codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
             codes = codes.reshape(-1)
-            names = np.asarray(self.cell_types + [None], dtype=object)
+            names = np.asarray([*self.cell_types, None], dtype=object)
             return names[np.minimum(codes, len(self.cell_types))]
         return self.predict(adata, batch_size=batch_size)
 

@@ -179,7 +179,7 @@ def _labels_column(obs: pd.DataFrame, registration: Registration, what: str) -> 
     values = obs[key].astype(object).to_numpy()
     missing = pd.isna(values)
     values = np.where(missing, unlabeled, values)
-    known = pd.Index(registration.cell_types + [unlabeled])
+    known = pd.Index([*registration.cell_types, unlabeled])
     new = known.get_indexer(values) < 0
     if new.any():
         names = sorted(map(str, pd.unique(values[new])))[:10]

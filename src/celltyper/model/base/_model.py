@@ -42,16 +42,17 @@ def seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    py_state, np_state = random.getstate(), np.random.get_state()
+    # The legacy global numpy state is what third-party code (scanpy, sklearn) draws from.
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
-        np.random.seed(seed)
+        np.random.seed(seed)  # noqa: NPY002
         torch.manual_seed(seed)
         try:
             yield
         finally:
             random.setstate(py_state)
-            np.random.set_state(np_state)
+            np.random.set_state(np_state)  # noqa: NPY002
 
 
 class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
@@ -202,9 +203,10 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
         self.input_kind_ = check_matrix_values(matrix)
         if self._input_kind == "counts":
             require_counts(self.input_kind_, type(self).__name__)
-        if self._requires_labels and self.adata_manager.registry["setup_args"].get(
-            "labels_key"
-        ) is None:
+        if (
+            self._requires_labels
+            and self.adata_manager.registry["setup_args"].get("labels_key") is None
+        ):
             raise ValueError(f"{type(self).__name__} needs labels: setup with labels_key.")
 
     @property
