@@ -460,3 +460,23 @@ def test_lognormalised_input_is_used_as_is_and_kinds_cannot_be_mixed():
     with pytest.raises(ValueError, match="log-normalised"):
         model.predict(counts)
     assert_unchanged(counts, before)
+
+
+def test_domain_shift_augmentation_moves_labelled_cells_towards_the_query():
+    from celltyper.module import SCNYMModule
+    from celltyper.train import MixMatchTrainingPlan
+
+    module = SCNYMModule(n_input=5, n_labels=2, n_domains=2, n_hidden=8)
+    plan = MixMatchTrainingPlan(module, domain_shift_augmentation=1.0)
+    torch.manual_seed(0)
+    x_l = torch.zeros(200, 5)
+    x_u = torch.full((50, 5), 2.0)
+    x_u[:, 0] = 0.0  # a gene the query does not express: no shift below zero
+    shifted = plan._shift_towards_query(x_l, x_u)
+    assert torch.all(shifted >= 0)
+    assert torch.all(shifted[:, 0] == 0)
+    # Every cell moves by u * shift with u ~ U(0, 1): mean ~ 1, bounded by the full shift.
+    assert 0.8 < float(shifted[:, 1:].mean()) < 1.2
+    assert float(shifted.max()) <= 2.0
+    off = MixMatchTrainingPlan(module, domain_shift_augmentation=0.0)
+    assert off.domain_shift_augmentation == 0.0

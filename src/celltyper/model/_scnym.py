@@ -38,6 +38,7 @@ _COMMON = {
     "n_epochs_unsup_ramp": 100,
     "adversary_max_weight": 0.1,
     "n_epochs_adversary_ramp": 20,
+    "domain_shift_augmentation": 0.0,
 }
 
 #: Training configurations of the scNym paper; ``SCNYM.train(config=..., **overrides)``.
@@ -65,6 +66,7 @@ _PLAN_KEYS = (
     "n_epochs_unsup_ramp",
     "adversary_max_weight",
     "n_epochs_adversary_ramp",
+    "domain_shift_augmentation",
     "pseudolabel_min_confidence",
     "adversary_confident_only",
 )

@@ -57,6 +57,10 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
         Restrict the adversary's unlabelled cells to confident ones.
     domain_from_batch
         Domains are the registered batches; otherwise labelled (0) vs unlabelled (1).
+    domain_shift_augmentation
+        Probability that a labelled cell is moved by ``u * (mean(unlabelled) -
+        mean(labelled))`` of the minibatch, ``u ~ U(0, 1)``, in log space: the classifier
+        learns that the shift shared by the query's cells does not change a cell type.
     optimizer, lr, weight_decay
         Optimizer settings (scNym: Adadelta, 1.0, 1e-4).
     """
@@ -75,6 +79,7 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
         pseudolabel_min_confidence: float = 0.0,
         adversary_confident_only: bool = False,
         domain_from_batch: bool = True,
+        domain_shift_augmentation: float = 0.0,
         optimizer: OptimizerName = "Adadelta",
         lr: float = 1.0,
         weight_decay: float = 1e-4,
@@ -90,6 +95,7 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
         self.pseudolabel_min_confidence = pseudolabel_min_confidence
         self.adversary_confident_only = adversary_confident_only
         self.domain_from_batch = domain_from_batch
+        self.domain_shift_augmentation = domain_shift_augmentation
 
     def unsup_weight(self, epoch: float) -> float:
         return linear_ramp(epoch, self.n_epochs_unsup_ramp, self.unsup_max_weight)
@@ -105,6 +111,13 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
             return batch[REGISTRY_KEYS.BATCH_KEY].view(-1).long()
         return (~is_labelled).long()
 
+    def _shift_towards_query(self, x_l: Tensor, x_u: Tensor) -> Tensor:
+        shift = (x_u.mean(dim=0) - x_l.mean(dim=0)).detach()
+        amount = torch.rand(len(x_l), 1, device=x_l.device)
+        chosen = torch.rand(len(x_l), 1, device=x_l.device) < self.domain_shift_augmentation
+        # Log-expression cannot go below zero.
+        return (x_l + chosen * amount * shift).clamp_min(0.0)
+
     def training_step(self, batch, batch_idx: int):
         batch = merge_minibatches(batch)
         epoch = self.epoch_progress(batch_idx)
@@ -114,6 +127,8 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
         is_labelled = labels < module.n_labels
         x = self._augment(module.log_expression(batch))
         x_l, x_u = x[is_labelled], x[~is_labelled]
+        if self.domain_shift_augmentation > 0 and len(x_l) and len(x_u):
+            x_l = self._shift_towards_query(x_l, x_u)
         y_l = F.one_hot(labels[is_labelled], module.n_labels).float()
         n_l, n_u = x_l.shape[0], x_u.shape[0]
 
