@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import celltyper
+from celltyper import cli
 from celltyper.cli import main
 
 
@@ -107,3 +109,113 @@ def test_unknown_model_lists_the_choices(tmp_path, monkeypatch, capsys):
             ]
         )  # fmt: skip
     assert "scnym" in capsys.readouterr().err.lower()
+
+
+def test_default_batch_is_the_role_and_query_labels_only_score(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    query = parts["query"][1]
+    code = main(
+        [
+            "annotate",
+            "--reference", str(parts["reference"][0]),
+            "--query", str(parts["query"][0]),
+            "--max-epochs", "2",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = tmp_path / cli.DEFAULT_OUTPUT
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table.columns) == [
+        "cell",
+        "prediction",
+        "confidence",
+        "novelty",
+        "novel",
+        "true_label",
+    ]
+    assert len(table) == query.n_obs
+    assert (table["true_label"] == query.obs["cell_type"].to_numpy()).all()
+    annotated = ad.read_h5ad(out / "annotated.h5ad")
+    assert (annotated.obs["scnym"].astype(str).to_numpy() == table["prediction"]).all()
+    # Without --batch-key the model's batches are the roles; the query is marked as such.
+    assert (annotated.obs[cli.ROLE_KEY] == "query").all()
+    assert annotated.uns["celltyper"]["batch_key"] == cli.ROLE_KEY
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "macro F1" in printed
+    assert f"on {query.n_obs} labelled query cells" in printed
+    assert (out / "umap.png").stat().st_size > 1000
+
+
+def test_build_training_data_joins_genes_and_hides_query_labels(tmp_path, capsys):
+    parts = _write_pair(tmp_path)
+    reference, query = parts["reference"][1], parts["query"][1]
+    labels = reference.obs["cell_type"].astype(str).to_numpy()
+    labels[:5] = "Unknown"
+    reference.obs["cell_type"] = labels
+    reference.write_h5ad(parts["reference"][0])
+    # The query lacks the first 10 genes and has one of its own.
+    query = query[:, 10:].copy()
+    extra = ad.AnnData(
+        sp.csr_matrix(np.ones((query.n_obs, 1), dtype=np.float32)),
+        obs=query.obs[[]],
+        var=pd.DataFrame(index=["query_only"]),
+    )
+    ad.concat([query, extra], axis=1, merge="first").write_h5ad(parts["query"][0])
+
+    inputs = cli.load_inputs(parts["reference"][0], parts["query"][0])
+    assert inputs.batch_key is None and inputs.training_batch_key == cli.ROLE_KEY
+    assert inputs.query_labels is not None and inputs.query_labels.notna().all()
+    training = cli.build_training_data(inputs)
+    assert training.n_obs == reference.n_obs + query.n_obs
+    assert training.var_names.tolist() == [f"g{i}" for i in range(10, 60)]
+    roles = training.obs[cli.ROLE_KEY].astype(str)
+    labels = training.obs[cli.TRAIN_LABELS_KEY].astype(str)
+    assert (roles == "query").sum() == query.n_obs
+    assert (labels[roles == "query"] == "Unknown").all()
+    assert (labels[roles == "reference"] == "Unknown").sum() == 5
+    assert set(labels[roles == "reference"]) == {"A", "B", "C", "Unknown"}
+    assert "50 shared" in capsys.readouterr().out
+
+    with_batch = cli.build_training_data(
+        cli.load_inputs(parts["reference"][0], parts["query"][0], batch_key="tech")
+    )
+    assert set(with_batch.obs["tech"].astype(str)) == {"reference_tech", "query_tech"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-key", "nope"], "--batch-key 'nope'"),
+        (["--max-epochs", "0"], "positive integer"),
+    ],
+)
+def test_bad_options_exit_with_code_2(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    argv = ["annotate", "--reference", str(parts["reference"][0])]
+    argv += ["--query", str(parts["query"][0]), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_reference_without_query_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotate", "--reference", str(parts["reference"][0])])
+    assert exit_info.value.code == 2
+    assert "both --reference and --query" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"celltyper {celltyper.__version__}"
+
+
+def test_model_names_are_case_insensitive():
+    assert cli.resolve_model("SCNYM") is cli.resolve_model("scnym") is celltyper.model.SCNYM

@@ -187,6 +187,9 @@ def load_inputs(
         description = "Kang et al. (2018) PBMC demo (celltyper.datasets.kang_pbmc)"
         _say("Loading", f"{description}: reference {_shape(ref)}, query {_shape(qry)}")
     else:
+        for what, path in (("reference", reference), ("query", query)):
+            if not Path(path).is_file():
+                raise CliError(f"{what} file {str(path)!r} does not exist")
         ref = _read_h5ad(reference, "reference")
         qry = _read_h5ad(query, "query")
         description = f"reference {reference}, query {query}"

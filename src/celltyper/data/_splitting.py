@@ -72,6 +72,9 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
     balance_classes
         Oversample labelled training cells so that every class is as frequent as the
         largest one (see :func:`balanced_resample`).
+    include_unlabelled
+        Train on the unlabelled cells too (the default); ``False`` leaves them out, for
+        methods whose loss needs a label on every cell.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         seed: int = 0,
         allow_unlabelled_only: bool = False,
         balance_classes: bool = False,
+        include_unlabelled: bool = True,
         **loader_kwargs,
     ):
         super().__init__()
@@ -92,7 +96,9 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         codes = adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
         codes = np.asarray(codes).reshape(-1)
         labelled = np.flatnonzero(codes < n_labels)
-        self.unlabelled_idx = np.flatnonzero(codes >= n_labels)
+        self.unlabelled_idx = (
+            np.flatnonzero(codes >= n_labels) if include_unlabelled else np.array([], dtype=int)
+        )
         if len(labelled) == 0 and not allow_unlabelled_only:
             raise ValueError("No labelled cell to train on: every cell is unlabelled.")
         train_pos, val_pos = stratified_split(codes[labelled], validation_size, seed)

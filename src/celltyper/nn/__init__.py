@@ -1,5 +1,6 @@
 """Layers and functions shared by celltyper's modules and training plans."""
 
+from ._contrastive import batch_mixing_loss, centroid_distance_loss, supervised_soft_nn_loss
 from ._functional import (
     CPM_TARGET_SUM,
     drop_values_augmentation,
@@ -18,6 +19,8 @@ __all__ = [
     "CPM_TARGET_SUM",
     "DomainAdversary",
     "GradientReversal",
+    "batch_mixing_loss",
+    "centroid_distance_loss",
     "drop_values_augmentation",
     "grad_reverse",
     "linear_ramp",
@@ -27,4 +30,5 @@ __all__ = [
     "sharpen",
     "sigmoid_ramp",
     "soft_cross_entropy",
+    "supervised_soft_nn_loss",
 ]

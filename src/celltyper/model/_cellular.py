@@ -1,0 +1,262 @@
+"""CELLULAR: contrastive learning for robust cell annotation (Andrekson & Mercado)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from anndata import AnnData
+from mudata import MuData
+from scipy import sparse
+from scvi import REGISTRY_KEYS
+from sklearn.decomposition import PCA
+
+from celltyper.data import LabelledUnlabelledSplitter
+from celltyper.module import CELLULARModule
+from celltyper.train import ClassifierHeadTrainingPlan, ContrastiveTrainingPlan
+
+from .base import CellTyperModel, seeded
+
+logger = logging.getLogger(__name__)
+
+#: Largest number of principal components of the centroid-distance target.
+MAX_PCA_COMPONENTS = 100
+
+
+def _row_totals(matrix) -> np.ndarray:
+    return np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
+
+
+def log_normalize_matrix(matrix, mean_total: float) -> np.ndarray:
+    """Dense ``log1p(x / total * mean_total)`` of a cells x genes matrix (zero rows stay 0)."""
+    totals = _row_totals(matrix)
+    scale = np.divide(mean_total, totals, out=np.zeros_like(totals), where=totals > 0)
+    if sparse.issparse(matrix):
+        scaled = sparse.diags(scale) @ sparse.csr_matrix(matrix, dtype=np.float64)
+        return np.log1p(scaled.toarray()).astype(np.float32)
+    return np.log1p(np.asarray(matrix, dtype=np.float64) * scale[:, None]).astype(np.float32)
+
+
+def centroid_distances(x: np.ndarray, labels: np.ndarray, n_labels: int, seed: int = 0):
+    """Euclidean distances between cell-type centroids in the PCA of ``x``.
+
+    Uses ``min(100, n_cells - 1, n_genes)`` components. Types without a cell get distance
+    0 (they never enter the loss, which only compares types present in a minibatch).
+    """
+    n_components = min(MAX_PCA_COMPONENTS, x.shape[0] - 1, x.shape[1])
+    scores = PCA(n_components=n_components, random_state=seed).fit_transform(x)
+    centroids = np.zeros((n_labels, n_components))
+    for code in np.unique(labels):
+        centroids[code] = scores[labels == code].mean(axis=0)
+    diff = centroids[:, None, :] - centroids[None, :, :]
+    distances = np.sqrt((diff**2).sum(axis=-1))
+    present = np.isin(np.arange(n_labels), labels)
+    return distances * (present[:, None] & present[None, :])
+
+
+class CELLULAR(CellTyperModel):
+    """CELLULAR: a contrastively trained embedding with a classifier on top.
+
+    Two stages, both run by :meth:`train`. Stage 1 trains an encoder (genes -> 1000 -> 500
+    -> 100, LayerNorm, no batch input) on labelled reference cells with three losses: a
+    supervised soft-nearest-neighbour loss that pulls cells of a type together
+    (learnable temperature in [0.1, 1]), a batch-mixing loss that makes the batches of a
+    cell type indistinguishable, and a centroid-distance loss that keeps the layout of
+    cell-type centroids seen in the PCA of the input. Stage 2 trains a classifier
+    (BatchNorm, 2 x 512, dropout 0.2) on the frozen embedding with class-weighted
+    cross-entropy. Input: ``log1p(x / total * mean_total)``, ``mean_total`` being the mean
+    total counts of the labelled reference cells, computed once; raw counts are normalised
+    by the module minibatch by minibatch, log-normalised data are used as they are.
+
+    Parameters
+    ----------
+    adata
+        AnnData or MuData registered with :meth:`setup_anndata` / :meth:`setup_mudata`.
+    n_latent
+        Dimension of the embedding.
+    n_hidden
+        Widths of the encoder's hidden layers.
+    dropout_rate
+        Dropout of the encoder and the classifier.
+    classifier_hidden
+        Width of the classifier's two hidden layers.
+    seed
+        Seed of the weight initialisation, of the PCA and the default seed of :meth:`train`.
+
+    Examples
+    --------
+    >>> import celltyper
+    >>> adata = celltyper.datasets.kang_pbmc()
+    >>> celltyper.model.CELLULAR.setup_anndata(
+    ...     adata, labels_key="cell_type", batch_key="condition"
+    ... )
+    >>> model = celltyper.model.CELLULAR(adata)
+    >>> model.train()
+    >>> model.annotate()  # obs["cellular"], ..., obsm["X_cellular"]
+    """
+
+    _module_cls = CELLULARModule
+    _training_plan_cls = ClassifierHeadTrainingPlan
+    _contrastive_plan_cls = ContrastiveTrainingPlan
+    _data_splitter_cls = LabelledUnlabelledSplitter
+    _input_kind = "log1p"
+    _requires_labels = True
+
+    def __init__(
+        self,
+        adata: AnnData | MuData,
+        n_latent: int = 100,
+        n_hidden: Sequence[int] = (1000, 500),
+        dropout_rate: float = 0.2,
+        classifier_hidden: int = 512,
+        seed: int = 0,
+    ):
+        super().__init__(adata)
+        self._init_data_checks()
+        is_counts = self.input_kind_ == "counts"
+        matrix, codes = self._labelled_reference()
+        mean_total = float(_row_totals(matrix).mean()) if is_counts and len(codes) else 1.0
+        with seeded(seed):
+            self.module = self._module_cls(
+                n_input=self.summary_stats.n_vars,
+                n_labels=self.n_labels,
+                n_latent=n_latent,
+                n_hidden=tuple(n_hidden),
+                dropout_rate=dropout_rate,
+                classifier_hidden=classifier_hidden,
+                normalize_counts=is_counts,
+                mean_total=mean_total,
+            )
+        # A query model is built on unlabelled data; its buffers come from the reference.
+        if len(codes) > 1:
+            x = log_normalize_matrix(matrix, mean_total) if is_counts else _dense(matrix)
+            distances = centroid_distances(x, codes, self.n_labels, seed)
+            self.module.set_pca_centroid_distances(torch.as_tensor(distances))
+        self._model_summary_string = (
+            f"CELLULAR with encoder {tuple(n_hidden)} -> {n_latent}, classifier 2 x "
+            f"{classifier_hidden}, {self.n_labels} cell types, input {self.input_kind_}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    def _labelled_reference(self):
+        """Expression matrix and label codes of the labelled registered cells."""
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
+        codes = codes.reshape(-1).astype(int)
+        labelled = np.flatnonzero(codes < self.n_labels)
+        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        return matrix[labelled], codes[labelled]
+
+    def _splitter(self, validation_size, batch_size, seed, include_unlabelled):
+        return self._data_splitter_cls(
+            self.adata_manager,
+            n_labels=self.n_labels,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            seed=seed,
+            allow_unlabelled_only=self._is_query_model,
+            include_unlabelled=include_unlabelled,
+        )
+
+    def train(
+        self,
+        max_epochs: int = 50,
+        classifier_epochs: int | None = None,
+        batch_size: int = 256,
+        validation_size: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-5,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 10,
+        seed: int | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Stage 1 (contrastive encoder), then stage 2 (classifier head), then calibration.
+
+        A model from :meth:`load_query_data` runs stage 2 only (its encoder is frozen): the
+        labelled query cells, if any, supervise the head, and every query cell updates its
+        BatchNorm statistics.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs of stage 1.
+        classifier_epochs
+            Epochs of stage 2; defaults to ``max_epochs``.
+        batch_size
+            Minibatch size.
+        validation_size
+            Fraction of each labelled cell type held out for early stopping and the
+            novelty calibration.
+        lr, weight_decay
+            Adam settings of both stages.
+        early_stopping
+            Stop a stage when its validation loss has not improved for
+            ``early_stopping_patience`` epochs (best weights are restored).
+        early_stopping_patience
+            Patience of the early stopping.
+        seed
+            Seed of the split and the minibatches; defaults to the model's ``seed``.
+        **trainer_kwargs
+            Keywords of the Lightning trainer (e.g. ``accelerator``).
+
+        Notes
+        -----
+        After training, ``history`` holds the curves of the classifier stage and
+        ``contrastive_history_`` those of the encoder stage (``train_target_loss``,
+        ``train_batch_loss``, ``train_centroid_loss``, ``temperature``, ...) of the last
+        call.
+        """
+        seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
+        classifier_epochs = max_epochs if classifier_epochs is None else classifier_epochs
+        common = {
+            "early_stopping": early_stopping,
+            "early_stopping_patience": early_stopping_patience,
+            "seed": seed,
+            **trainer_kwargs,
+        }
+        if not self._is_query_model:
+            self._train_encoder(max_epochs, batch_size, validation_size, lr, weight_decay, common)
+        splitter = self._splitter(validation_size, batch_size, seed, self._is_query_model)
+        plan = self._training_plan_cls(
+            self.module,
+            class_weights=self._class_weights(splitter.labelled_train_idx),
+            lr=lr,
+            weight_decay=weight_decay,
+        )
+        self._start_fresh_history()
+        self._run_training(plan, splitter, classifier_epochs, calibrate=True, **common)
+
+    def _start_fresh_history(self) -> None:
+        # scvi's runner appends a trained model's new curves to the old ones and drops the
+        # curves the old history lacks; each stage's curves are different, so each stage
+        # starts from an empty history (the runner sets is_trained_ again at its end).
+        self.history_ = None
+        self.is_trained_ = False
+
+    def _train_encoder(self, max_epochs, batch_size, validation_size, lr, weight_decay, common):
+        splitter = self._splitter(validation_size, batch_size, common["seed"], False)
+        plan = self._contrastive_plan_cls(
+            self.module, use_batches=self.n_batches > 1, lr=lr, weight_decay=weight_decay
+        )
+        self._start_fresh_history()
+        self._run_training(plan, splitter, max_epochs, calibrate=False, **common)
+        # The classifier stage replaces history_; keep the contrastive stage's curves.
+        self.contrastive_history_ = self.history_
+
+    def _class_weights(self, indices: np.ndarray) -> torch.Tensor:
+        """Inverse class frequencies of the labelled training cells, mean 1 over cells."""
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
+        counts = np.bincount(codes.reshape(-1)[indices], minlength=self.n_labels)
+        weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+        if counts.sum():
+            weights = weights / (weights * counts).sum() * counts.sum()
+        return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _dense(matrix) -> np.ndarray:
+    return np.asarray(matrix.toarray() if sparse.issparse(matrix) else matrix, dtype=np.float32)
+
+
+__all__ = ["CELLULAR"]

@@ -1,0 +1,254 @@
+"""CELLULAR: the losses against hand computations, training behaviour, preprocessing."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import NOVEL_TYPE, UNKNOWN, make_counts_adata
+
+import celltyper
+from celltyper.model import CELLULAR
+from celltyper.nn import batch_mixing_loss, centroid_distance_loss, supervised_soft_nn_loss
+from celltyper.train import warmup_cosine_factor
+
+E = math.e
+
+
+# -- losses on hand-built minibatches ----------------------------------------------------------
+def test_supervised_soft_nn_loss_by_hand():
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # Cosines: s01 = 1, s02 = 0, s03 = -1, s12 = 0, s13 = -1, s23 = 0 (temperature 1).
+    per_anchor = [
+        -math.log(E / (E + 1 + 1 / E)),  # cell 0: positive 1, candidates 1, 2, 3
+        -math.log(E / (E + 1 + 1 / E)),  # cell 1: same by symmetry
+        -math.log(1 / 3),  # cell 2: positive 3, every similarity 0
+        -math.log(1 / (2 / E + 1)),  # cell 3: positive 2; candidates at -1, -1, 0
+    ]
+    loss = supervised_soft_nn_loss(z, labels, temperature=1.0)
+    assert float(loss) == pytest.approx(np.mean(per_anchor), rel=1e-5)
+
+    # Class weights 1 and 3, normalised to mean 1 over the four anchors: 0.5, 0.5, 1.5, 1.5.
+    weighted = supervised_soft_nn_loss(z, labels, 1.0, class_weights=torch.tensor([1.0, 3.0]))
+    expected = np.mean(np.array([0.5, 0.5, 1.5, 1.5]) * per_anchor)
+    assert float(weighted) == pytest.approx(expected, rel=1e-5)
+
+    # The temperature divides the similarities: at T = 0.5, cell 2's ratio is still 1/3.
+    half = supervised_soft_nn_loss(z[[0, 1, 2, 3]], labels, temperature=0.5)
+    e2 = E**2
+    expected_half = np.mean(
+        [
+            -math.log(e2 / (e2 + 1 + 1 / e2)),
+            -math.log(e2 / (e2 + 1 + 1 / e2)),
+            math.log(3),
+            -math.log(1 / (2 / e2 + 1)),
+        ]
+    )
+    assert float(half) == pytest.approx(expected_half, rel=1e-5)
+
+
+def test_supervised_soft_nn_loss_skips_anchors_without_positive():
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1])
+    # Cell 2 has no other cell of its type; cells 0 and 1: -log(e / (e + 1)).
+    loss = supervised_soft_nn_loss(z, labels, 1.0)
+    assert loss.item() == pytest.approx(-math.log(E / (E + 1)), rel=1e-5)
+    # Nothing qualifies: zero, still differentiable.
+    none = supervised_soft_nn_loss(z, torch.tensor([0, 1, 2]), 1.0)
+    assert float(none) == 0.0
+    none.backward()
+
+
+def test_batch_mixing_loss_by_hand():
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.3, 0.2], [-0.5, 1.0]])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    batches = torch.tensor([0, 0, 1, 1, 0, 0])
+    # Type 1 is in one batch only: skipped. Type 0, temperature 1, pi = 1/3 for everyone:
+    # cell 0: r = e / (e + 1 + e) > 1/3 -> log(3e / (2e + 1)); cell 1 the same;
+    # cell 2: r = 1 / 3 -> 0; cell 3: r = 1 / (2e + 1) < 1/3 -> 0 (hinge).
+    expected = 2 * math.log(3 * E / (2 * E + 1)) / 4
+    loss = batch_mixing_loss(z, labels, batches, temperature=1.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+    # Batch weights 1 and 3 -> anchors weighted 0.5, 0.5, 1.5, 1.5.
+    weighted = batch_mixing_loss(z, labels, batches, 1.0, batch_weights=torch.tensor([1.0, 3.0]))
+    assert float(weighted) == pytest.approx(0.5 * expected, rel=1e-5)
+
+    # Perfectly mixed (all cells identical): every r equals pi, the loss is 0.
+    same = batch_mixing_loss(torch.ones(4, 2), labels[:4], batches[:4], 1.0)
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    # Only one batch per type: nothing qualifies.
+    assert float(batch_mixing_loss(z, labels, torch.zeros(6, dtype=torch.long))) == 0.0
+
+
+def test_centroid_distance_loss_by_hand():
+    z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0], [5.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 2])
+    # Centroids (1, 0), (1, 3), (5, 0): distances 3, 4, 5 -> / 5 = 0.6, 0.8, 1.0.
+    target = torch.ones(4, 4) - torch.eye(4)
+    target[3, :3] = target[:3, 3] = 100.0  # type 3 is absent: must not enter the loss
+    loss = centroid_distance_loss(z, labels, target)
+    assert float(loss) == pytest.approx((0.4**2 + 0.2**2 + 0.0) / 3, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+    # Scale-free: a scaled embedding or target gives the same loss.
+    scaled = centroid_distance_loss(z.detach() * 7, labels, target * 0.1)
+    assert float(scaled) == pytest.approx(float(loss), rel=1e-5)
+    # One type only: zero.
+    assert float(centroid_distance_loss(z, torch.zeros(4, dtype=torch.long), target)) == 0.0
+
+
+def test_warmup_cosine_factor():
+    factors = [warmup_cosine_factor(e, 10, 4) for e in range(10)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
+    assert factors[-1] > 0
+
+
+# -- training ------------------------------------------------------------------------------
+_SMALL = {"n_hidden": (64, 32), "n_latent": 16, "classifier_hidden": 32}
+_TRAIN = {"max_epochs": 15, "batch_size": 32, "enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def trained_cellular():
+    adata = make_counts_adata()
+    CELLULAR.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = CELLULAR(adata, **_SMALL)
+    model.train(**_TRAIN)
+    return model, adata
+
+
+def test_temperature_stays_in_range(trained_cellular):
+    model, _ = trained_cellular
+    assert 0.1 <= float(model.module.temperature) <= 1.0
+    assert 0.1 <= float(model.module.raw_temperature) <= 1.0
+    # It is learnt: it moved from its initial 0.25.
+    assert float(model.module.raw_temperature) != pytest.approx(0.25)
+
+
+def test_target_loss_falls_and_terms_are_logged(trained_cellular):
+    model, _ = trained_cellular
+    history = model.contrastive_history_
+    for term in ("train_target_loss", "train_batch_loss", "train_centroid_loss"):
+        assert term in history
+    target = history["train_target_loss"]["train_target_loss"].to_numpy()
+    assert target[-1] < 0.5 * target[0]
+    assert "validation_loss" in history
+    # The classifier stage has its own history.
+    assert "train_classification_loss" in model.history
+
+
+def test_withheld_type_is_more_novel(trained_cellular):
+    model, adata = trained_cellular
+    table = model.annotation_table()
+    novel = (adata.obs["cell_type"] == NOVEL_TYPE).to_numpy()
+    known_query = (adata.obs["train_label"] == UNKNOWN).to_numpy() & ~novel
+    novelty = table["novelty"].to_numpy()
+    assert novelty[novel].mean() > novelty[known_query].mean() + 0.1
+    # Known types of the other batch are annotated correctly.
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    accuracy = (table["prediction"].astype(str).to_numpy() == truth)[known_query].mean()
+    assert accuracy > 0.9
+
+
+def test_representations_one_row_per_type(trained_cellular):
+    model, _ = trained_cellular
+    reps = model.get_cell_type_representations()
+    assert sorted(reps.index) == ["T0", "T1", "T2", "T3"]
+    assert reps.shape == (4, _SMALL["n_latent"])
+
+
+def test_pca_target_and_mean_total_buffers(trained_cellular):
+    model, adata = trained_cellular
+    distances = model.module.pca_centroid_distances.numpy()
+    assert distances.shape == (4, 4)
+    np.testing.assert_allclose(distances, distances.T, atol=1e-5)
+    assert (distances[~np.eye(4, dtype=bool)] > 0).all()
+    reference = (adata.obs["train_label"] != UNKNOWN).to_numpy()
+    totals = np.asarray(adata.X[reference].sum(axis=1)).reshape(-1)
+    assert float(model.module.mean_total) == pytest.approx(totals.mean(), rel=1e-5)
+
+
+def test_query_fine_tuning_leaves_encoder_unchanged(trained_cellular):
+    model, _ = trained_cellular
+    query = make_counts_adata(seed=3)
+    query = query[query.obs["batch"] == "b1"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        query_model = CELLULAR.load_query_data(query, model)
+    trainable = {n for n, p in query_model.module.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("classifier.") for n in trainable)
+    encoder = {k: v.clone() for k, v in query_model.module.encoder.state_dict().items()}
+    buffers = {
+        k: v.clone() for k, v in query_model.module.named_buffers() if "classifier" not in k
+    }
+    head = {k: v.clone() for k, v in query_model.module.classifier.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        query_model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    for key, value in query_model.module.encoder.state_dict().items():
+        assert torch.equal(value, encoder[key]), key
+    for key, value in query_model.module.named_buffers():
+        if key in buffers:
+            assert torch.equal(value, buffers[key]), key
+    after = query_model.module.classifier.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in head.items())
+    # The frozen encoder maps the query as the reference model does.
+    np.testing.assert_allclose(
+        query_model.get_latent_representation(),
+        model.get_latent_representation(query),
+        atol=1e-5,
+    )
+
+
+def test_trains_without_batch_key():
+    adata = make_counts_adata(n_batches=1, cells_per=30)
+    CELLULAR.setup_anndata(adata, labels_key="train_label")
+    model = CELLULAR(adata, **_SMALL)
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    batch_loss = model.contrastive_history_["train_batch_loss"]["train_batch_loss"]
+    assert (batch_loss.to_numpy() == 0).all()
+    assert len(model.predict()) == adata.n_obs
+
+
+# -- preprocessing -----------------------------------------------------------------------------
+def test_normalize_cellular_leaves_counts_unchanged():
+    adata = make_counts_adata(novel_type=False)
+    before = adata.X.copy()
+    mean_total = celltyper.pp.normalize_cellular(adata)
+    assert (adata.X != before).nnz == 0
+    counts = before.toarray().astype(np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    assert mean_total == pytest.approx(totals.mean())
+    expected = np.log1p(counts / totals * totals.mean())
+    np.testing.assert_allclose(adata.layers["cellular"].toarray(), expected, rtol=1e-5)
+    # A given mean_total (a reference's) is used as is.
+    celltyper.pp.normalize_cellular(adata, key_added="other", mean_total=100.0)
+    np.testing.assert_allclose(
+        adata.layers["other"].toarray(), np.log1p(counts / totals * 100.0), rtol=1e-5
+    )
+
+
+def test_auto_preprocess_returns_filtered_copy_and_keeps_counts():
+    adata = make_counts_adata(n_genes=120, novel_type=False)
+    adata.X[:3] = 0  # three empty cells that QC must drop
+    adata.X = sp.csr_matrix(adata.X)
+    before = adata.copy()
+    out = celltyper.pp.auto_preprocess(adata, n_top_genes=50, min_genes=10, min_cells=3)
+    assert (adata.X != before.X).nnz == 0 and adata.shape == before.shape
+    assert "cellular" not in adata.layers
+    assert out.n_vars == 50 and out.n_obs == adata.n_obs - 3
+    assert out.var["highly_variable"].all()
+    # X still holds the counts of the kept cells and genes; normalised values are a layer.
+    kept = before[out.obs_names, out.var_names].X
+    assert (out.X != kept).nnz == 0
+    assert out.layers["cellular"].shape == out.shape
+    assert out.uns["cellular_mean_total"] > 0
