@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
-from scvi.module.base import BaseModuleClass
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
+
+from celltyper.nn import log1p_normalize
 
 
 class CellTyperModule(BaseModuleClass):
@@ -66,3 +69,67 @@ class CellTyperModule(BaseModuleClass):
     def predict_proba(self, tensors: dict[str, Tensor]) -> Tensor:
         """Softmax of :meth:`classify`."""
         return torch.softmax(self.classify(tensors), dim=-1)
+
+
+class LogExpressionClassifier(CellTyperModule):
+    """A classifier on log-normalised expression: ``encoder`` -> embedding -> ``classifier``.
+
+    Subclasses build ``self.encoder`` and ``self.classifier`` (torch modules), set
+    ``self.normalize_counts`` and implement :meth:`target_sum`. Raw counts are normalised
+    here, minibatch by minibatch, to ``log1p(x / total * target_sum)``.
+    """
+
+    normalize_counts: bool
+    encoder: nn.Module
+    classifier: nn.Module
+
+    def target_sum(self) -> float:
+        """Total each cell is scaled to before ``log1p``."""
+        raise NotImplementedError("A LogExpressionClassifier must define target_sum().")
+
+    def log_expression(self, tensors: dict[str, Tensor]) -> Tensor:
+        """The model's input: log-normalised counts, or the registered values as they are."""
+        x = self.expression(tensors)
+        return log1p_normalize(x, self.target_sum()) if self.normalize_counts else x
+
+    def embed_log_expression(self, x_log: Tensor) -> Tensor:
+        """Embedding of log-normalised profiles."""
+        return self.encoder(x_log)
+
+    def logits_from_log_expression(self, x_log: Tensor) -> Tensor:
+        """Logits of log-normalised profiles; differentiable (used by interpretation)."""
+        return self.classifier(self.encoder(x_log))
+
+    @auto_move_data
+    def embed(self, tensors: dict[str, Tensor]) -> Tensor:
+        return self.embed_log_expression(self.log_expression(tensors))
+
+    @auto_move_data
+    def classify(self, tensors: dict[str, Tensor]) -> Tensor:
+        return self.logits_from_log_expression(self.log_expression(tensors))
+
+    # -- BaseModuleClass interface --------------------------------------------------------
+    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"x_log": self.log_expression(tensors)}
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict:
+        return {}
+
+    @auto_move_data
+    def inference(self, x_log: Tensor) -> dict[str, Tensor]:
+        z = self.encoder(x_log)
+        return {"z": z, "logits": self.classifier(z)}
+
+    def generative(self) -> dict:
+        return {}
+
+    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
+        """Cross-entropy on the labelled cells of the minibatch (the validation criterion)."""
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+        logits = inference_outputs["logits"]
+        labelled = labels < self.n_labels
+        if labelled.any():
+            loss = F.cross_entropy(logits[labelled], labels[labelled])
+        else:
+            loss = logits.sum() * 0.0
+        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))

@@ -5,14 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
-from scvi import REGISTRY_KEYS
-from scvi.module.base import LossOutput, auto_move_data
 from torch import Tensor, nn
 
-from celltyper.nn import log1p_normalize
-
-from ._base import CellTyperModule
+from ._base import LogExpressionClassifier
 
 TEMPERATURE_RANGE = (0.1, 1.0)
 
@@ -46,7 +41,7 @@ def _classifier(n_latent: int, n_hidden: int, n_labels: int, dropout_rate: float
     return nn.Sequential(*layers)
 
 
-class CELLULARModule(CellTyperModule):
+class CELLULARModule(LogExpressionClassifier):
     """Encoder trained contrastively, then a classifier trained on its frozen output.
 
     Parameters
@@ -112,49 +107,11 @@ class CELLULARModule(CellTyperModule):
         """Set the target distances between cell types used by the centroid loss."""
         self.pca_centroid_distances.copy_(torch.as_tensor(distances, dtype=torch.float32))
 
-    # -- input --------------------------------------------------------------------------
-    def log_expression(self, tensors: dict[str, Tensor]) -> Tensor:
-        """``log1p(x / total * mean_total)`` of the minibatch (or the input as it is)."""
-        x = self.expression(tensors)
-        return log1p_normalize(x, float(self.mean_total)) if self.normalize_counts else x
-
-    # -- CellTyperModule interface ------------------------------------------------------
-    @auto_move_data
-    def embed(self, tensors: dict[str, Tensor]) -> Tensor:
-        return self.encoder(self.log_expression(tensors))
-
-    @auto_move_data
-    def classify(self, tensors: dict[str, Tensor]) -> Tensor:
-        return self.classifier(self.embed(tensors))
+    def target_sum(self) -> float:
+        return float(self.mean_total)
 
     def query_trainable_parameters(self) -> Iterable[str]:
         # The encoder is the reference's embedding: a query is mapped by a forward pass,
         # and only the head (with its BatchNorm statistics) adapts.
         for name, _ in self.classifier.named_parameters():
             yield f"classifier.{name}"
-
-    # -- BaseModuleClass interface --------------------------------------------------------
-    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"x_log": self.log_expression(tensors)}
-
-    def _get_generative_input(self, tensors, inference_outputs) -> dict:
-        return {}
-
-    @auto_move_data
-    def inference(self, x_log: Tensor) -> dict[str, Tensor]:
-        z = self.encoder(x_log)
-        return {"z": z, "logits": self.classifier(z)}
-
-    def generative(self) -> dict:
-        return {}
-
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy on the labelled cells of the minibatch."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
-        logits = inference_outputs["logits"]
-        labelled = labels < self.n_labels
-        if labelled.any():
-            loss = F.cross_entropy(logits[labelled], labels[labelled])
-        else:
-            loss = logits.sum() * 0.0
-        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))

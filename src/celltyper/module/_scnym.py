@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-import torch.nn.functional as F
-from scvi import REGISTRY_KEYS
-from scvi.module.base import LossOutput, auto_move_data
 from scvi.nn import FCLayers
-from torch import Tensor, nn
+from torch import nn
 
-from celltyper.nn import CPM_TARGET_SUM, DomainAdversary, log1p_normalize
+from celltyper.nn import CPM_TARGET_SUM, DomainAdversary
 
-from ._base import CellTyperModule
+from ._base import LogExpressionClassifier
 
 
-class SCNYMModule(CellTyperModule):
+class SCNYMModule(LogExpressionClassifier):
     """Classifier of Kimmel & Kelley (2021): ``input -> n_hidden x n_layers -> n_labels``.
 
     Each hidden layer is Linear -> BatchNorm -> ReLU -> Dropout; the output of the last
@@ -71,29 +67,8 @@ class SCNYMModule(CellTyperModule):
         self.classifier = nn.Linear(n_hidden, n_labels)
         self.adversary = DomainAdversary(n_hidden, max(n_domains, 1), n_hidden=n_hidden)
 
-    # -- input --------------------------------------------------------------------------
-    def log_expression(self, tensors: dict[str, Tensor]) -> Tensor:
-        """log1p(CPM) of the minibatch, the space scNym's network and augmentations use."""
-        x = self.expression(tensors)
-        return log1p_normalize(x, CPM_TARGET_SUM) if self.normalize_counts else x
-
-    # -- network pieces -----------------------------------------------------------------
-    def embed_log_expression(self, x_log: Tensor) -> Tensor:
-        """Embedding (last hidden layer) of log1p(CPM) profiles."""
-        return self.encoder(x_log)
-
-    def logits_from_log_expression(self, x_log: Tensor) -> Tensor:
-        """Logits of log1p(CPM) profiles; differentiable (used by expected gradients)."""
-        return self.classifier(self.encoder(x_log))
-
-    # -- CellTyperModule interface ------------------------------------------------------
-    @auto_move_data
-    def embed(self, tensors: dict[str, Tensor]) -> Tensor:
-        return self.embed_log_expression(self.log_expression(tensors))
-
-    @auto_move_data
-    def classify(self, tensors: dict[str, Tensor]) -> Tensor:
-        return self.logits_from_log_expression(self.log_expression(tensors))
+    def target_sum(self) -> float:
+        return CPM_TARGET_SUM
 
     def query_trainable_parameters(self) -> Iterable[str]:
         # AdaBN-style adaptation: normalisation layers and the adversary move with the
@@ -101,31 +76,3 @@ class SCNYMModule(CellTyperModule):
         yield from super().query_trainable_parameters()
         for name, _ in self.adversary.named_parameters():
             yield f"adversary.{name}"
-
-    # -- BaseModuleClass interface --------------------------------------------------------
-    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"x_log": self.log_expression(tensors)}
-
-    def _get_generative_input(self, tensors, inference_outputs) -> dict:
-        return {}
-
-    @auto_move_data
-    def inference(self, x_log: Tensor) -> dict[str, Tensor]:
-        z = self.embed_log_expression(x_log)
-        return {"z": z, "logits": self.classifier(z)}
-
-    def generative(self) -> dict:
-        return {}
-
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy on the labelled cells of the minibatch (the validation criterion)."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
-        logits = inference_outputs["logits"]
-        labelled = labels < self.n_labels
-        if labelled.any():
-            ce = F.cross_entropy(logits[labelled], labels[labelled], reduction="none")
-            loss = ce.mean()
-        else:
-            ce = torch.zeros(0, device=logits.device)
-            loss = logits.sum() * 0.0
-        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import scanpy as sc
 from anndata import AnnData
-from scipy import sparse
 
 from celltyper.model.base._validation import check_matrix_values, get_matrix, require_counts
+
+from ._normalize import log1p_scaled_counts
 
 
 def normalize_cellular(
@@ -41,14 +42,7 @@ def normalize_cellular(
     require_counts(check_matrix_values(counts), "normalize_cellular", "the counts")
     totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
     mean_total = float(totals.mean()) if mean_total is None else float(mean_total)
-    scale = np.divide(mean_total, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sparse.issparse(counts):
-        normalised = (sparse.diags(scale) @ sparse.csr_matrix(counts, dtype=np.float64)).tocsr()
-        normalised.data = np.log1p(normalised.data)
-        adata.layers[key_added] = normalised.astype(np.float32)
-    else:
-        values = np.log1p(np.asarray(counts, dtype=np.float64) * scale[:, None])
-        adata.layers[key_added] = values.astype(np.float32)
+    adata.layers[key_added] = log1p_scaled_counts(counts, mean_total)
     return mean_total
 
 

@@ -33,12 +33,18 @@ def log1p_cpm(
     """
     counts = get_matrix(adata, layer)
     require_counts(check_matrix_values(counts), "log1p_cpm", "the counts")
-    totals = np.asarray(counts.sum(axis=1)).reshape(-1).astype(np.float64)
+    adata.layers[key_added] = log1p_scaled_counts(counts, target_sum)
+
+
+def log1p_scaled_counts(counts, target_sum: float):
+    """``log1p(counts / cell total * target_sum)`` as float32, sparse in, sparse out.
+
+    Cells without counts stay at zero.
+    """
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     if sparse.issparse(counts):
-        normalised = sparse.diags(scale) @ sparse.csr_matrix(counts, dtype=np.float64)
-        normalised = normalised.tocsr()
+        normalised = (sparse.diags(scale) @ sparse.csr_matrix(counts, dtype=np.float64)).tocsr()
         normalised.data = np.log1p(normalised.data)
-        adata.layers[key_added] = normalised.astype(np.float32)
-    else:
-        adata.layers[key_added] = np.log1p(np.asarray(counts) * scale[:, None]).astype(np.float32)
+        return normalised.astype(np.float32)
+    return np.log1p(np.asarray(counts, dtype=np.float64) * scale[:, None]).astype(np.float32)
