@@ -507,7 +507,9 @@ def test_setup_rejects_bad_input_and_leaves_adata_unchanged(model_cls, raw_data,
 
 def test_classifier_setup_requires_labels_key(model_cls, raw_data):
     if not model_cls._requires_labels:
-        pytest.skip(f"{model_cls.__name__} does not need labels")
+        pytest.skip(
+            f"{model_cls.__name__} trains without labels; only classifiers need labels_key"
+        )
     adata = raw_data.copy()
     before = snapshot(adata)
     with pytest.raises(ValueError, match="labels_key"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -64,11 +63,6 @@ class CellTyperModule(BaseModuleClass):
         for name, parameter in self.named_parameters():
             parameter.requires_grad = name in trainable
         return sorted(trainable)
-
-    @torch.inference_mode()
-    def predict_proba(self, tensors: dict[str, Tensor]) -> Tensor:
-        """Softmax of :meth:`classify`."""
-        return torch.softmax(self.classify(tensors), dim=-1)
 
 
 class LogExpressionClassifier(CellTyperModule):
