@@ -60,3 +60,35 @@ def kang_control_to_stimulated(data_dir: Path = DEFAULT_DATA_DIR, n_hvg: int = 2
     )
     scored = (~is_control) & (adata.obs["true_label"] != UNLABELLED).to_numpy()
     return TransferTask("kang_ctrl_to_stim", adata, "condition", scored)
+
+
+@dataclass
+class IntegrationTask:
+    """Every cell of one dataset; ``mask`` marks the labelled cells that scib scores."""
+
+    name: str
+    adata: ad.AnnData
+    batch_key: str
+    label_key: str
+    mask: np.ndarray
+
+
+def kang_integration(data_dir: Path = DEFAULT_DATA_DIR, n_hvg: int = 2000) -> IntegrationTask:
+    """Kang et al. 2018, all 13,999 cells: batch = condition, biology = labelled cells.
+
+    ``X`` holds raw counts of ``n_hvg`` highly variable genes (seurat_v3 per condition);
+    ``obs["true_label"]`` has the 7 scGen cell types and ``UNLABELLED`` elsewhere.
+    """
+    path = Path(data_dir) / "kang_ifnb_counts_13999.h5ad"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; pass --data-dir.")
+    adata = ad.read_h5ad(path)
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).reshape(-1)
+    labels = adata.obs["cell_type_scgen_subset"].astype(object)
+    adata.obs["true_label"] = labels.fillna(UNLABELLED).astype(str)
+    adata.obs["condition"] = adata.obs["condition"].astype(str)
+    sc.pp.highly_variable_genes(
+        adata, n_top_genes=n_hvg, flavor="seurat_v3", batch_key="condition", subset=True
+    )
+    mask = (adata.obs["true_label"] != UNLABELLED).to_numpy()
+    return IntegrationTask("kang_integration", adata, "condition", "true_label", mask)
