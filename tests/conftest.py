@@ -30,6 +30,9 @@ UNKNOWN = "Unknown"
 _TINY_BY_MODEL: dict[str, dict] = {
     "SCNYM": {"n_hidden": 32},
     "CELLULAR": {"n_hidden": (32, 16), "n_latent": 8, "classifier_hidden": 32},
+    "SCATLASVAE": {"n_hidden": 32, "n_latent": 8},
+    "SCPRETRAIN": {"n_hidden": (), "n_latent": 16, "classifier_hidden": 16},
+    "RANKFORMER": {"d_model": 16, "n_heads": 2, "d_ff": 32, "head_hidden": 16, "n_tokens": 32},
 }
 _TINY_GENERIC: dict = {"n_hidden": 32, "n_latent": 8}
 
@@ -37,7 +40,16 @@ _TINY_GENERIC: dict = {"n_hidden": 32, "n_latent": 8}
 TRAIN_KWARGS: dict = {"max_epochs": 2, "enable_progress_bar": False}
 #: Per-model additions to ``TRAIN_KWARGS``: CELLULAR's contrastive stage needs a few
 #: optimizer steps per epoch to get anywhere in two epochs on 160 labelled cells.
-_TRAIN_BY_MODEL: dict[str, dict] = {"CELLULAR": {"batch_size": 32}}
+_TRAIN_BY_MODEL: dict[str, dict] = {
+    "CELLULAR": {"batch_size": 32},
+    # Two epochs: minibatches of 32 and a larger step let the linear heads learn.
+    "SCATLASVAE": {"batch_size": 32, "lr": 1e-2},
+    # Pretraining kept to 2 epochs per phase; small minibatches for the fine-tuning.
+    "SCPRETRAIN": {"batch_size": 16, "lr": 1e-2, "pretrain_kwargs": {"max_epochs": 2}},
+    # Reference training reads only the ~144 labelled training cells: small minibatches
+    # and a larger step give the transformer enough steps in two epochs.
+    "RANKFORMER": {"batch_size": 16, "lr": 3e-3},
+}
 
 
 def make_counts_adata(

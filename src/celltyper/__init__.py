@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, datasets, metrics, model, module, nn, pl, pp, train
+from . import data, datasets, metrics, model, module, nn, pl, pp, tl, train
 
 try:
     __version__ = version("celltyper")
@@ -19,5 +19,6 @@ __all__ = [
     "nn",
     "pl",
     "pp",
+    "tl",
     "train",
 ]

@@ -149,14 +149,8 @@ class CELLULAR(CellTyperModel):
         return matrix[labelled], codes[labelled]
 
     def _splitter(self, validation_size, batch_size, seed, include_unlabelled):
-        return self._data_splitter_cls(
-            self.adata_manager,
-            n_labels=self.n_labels,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            seed=seed,
-            allow_unlabelled_only=self._is_query_model,
-            include_unlabelled=include_unlabelled,
+        return self._make_splitter(
+            validation_size, batch_size, seed, include_unlabelled=include_unlabelled
         )
 
     def train(
@@ -227,13 +221,6 @@ class CELLULAR(CellTyperModel):
         )
         self._start_fresh_history()
         self._run_training(plan, splitter, classifier_epochs, calibrate=True, **common)
-
-    def _start_fresh_history(self) -> None:
-        # scvi's runner appends a trained model's new curves to the old ones and drops the
-        # curves the old history lacks; each stage's curves are different, so each stage
-        # starts from an empty history (the runner sets is_trained_ again at its end).
-        self.history_ = None
-        self.is_trained_ = False
 
     def _train_encoder(self, max_epochs, batch_size, validation_size, lr, weight_decay, common):
         splitter = self._splitter(validation_size, batch_size, common["seed"], False)

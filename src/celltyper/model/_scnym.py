@@ -195,13 +195,10 @@ class SCNYM(CellTyperModel):
             settings["max_epochs"] = max_epochs
         seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
 
-        splitter = self._data_splitter_cls(
-            self.adata_manager,
-            n_labels=self.n_labels,
-            validation_size=settings["validation_size"],
-            batch_size=settings["batch_size"],
-            seed=seed,
-            allow_unlabelled_only=self._is_query_model,
+        splitter = self._make_splitter(
+            settings["validation_size"],
+            settings["batch_size"],
+            seed,
             balance_classes=settings["balance_classes"],
         )
         plan = self._training_plan_cls(

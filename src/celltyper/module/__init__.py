@@ -2,11 +2,18 @@
 
 from ._base import CellTyperModule, LogExpressionClassifier
 from ._cellular import CELLULARModule
+from ._rankformer import RANKFORMERModule
+from ._scatlasvae import SCATLASVAEModule
 from ._scnym import SCNYMModule
+from ._scpretrain import PseudoLabelHeads, SCPRETRAINModule
 
 __all__ = [
     "CELLULARModule",
     "CellTyperModule",
     "LogExpressionClassifier",
+    "PseudoLabelHeads",
+    "RANKFORMERModule",
+    "SCATLASVAEModule",
     "SCNYMModule",
+    "SCPRETRAINModule",
 ]

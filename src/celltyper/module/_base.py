@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
 
-from celltyper.nn import log1p_normalize
+from celltyper.nn import labelled_cross_entropy, log1p_normalize
 
 
 class CellTyperModule(BaseModuleClass):
@@ -122,8 +121,5 @@ class LogExpressionClassifier(CellTyperModule):
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         logits = inference_outputs["logits"]
         labelled = labels < self.n_labels
-        if labelled.any():
-            loss = F.cross_entropy(logits[labelled], labels[labelled])
-        else:
-            loss = logits.sum() * 0.0
+        loss = labelled_cross_entropy(logits, labels, labelled)
         return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))

@@ -5,6 +5,7 @@ from ._functional import (
     CPM_TARGET_SUM,
     drop_values_augmentation,
     grad_reverse,
+    labelled_cross_entropy,
     linear_ramp,
     log1p_normalize,
     mixup,
@@ -13,19 +14,32 @@ from ._functional import (
     sigmoid_ramp,
     soft_cross_entropy,
 )
+from ._kmeans import KMeansResult, kmeans
 from ._layers import DomainAdversary, GradientReversal
+from ._transformer import MultiHeadSelfAttention, TransformerEncoder, TransformerEncoderLayer
+from ._vae import CategoryTable, CovariateDecoder, group_mmd, rbf_mmd
 
 __all__ = [
     "CPM_TARGET_SUM",
+    "CategoryTable",
+    "CovariateDecoder",
     "DomainAdversary",
     "GradientReversal",
+    "KMeansResult",
+    "MultiHeadSelfAttention",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "batch_mixing_loss",
     "centroid_distance_loss",
     "drop_values_augmentation",
     "grad_reverse",
+    "group_mmd",
+    "kmeans",
+    "labelled_cross_entropy",
     "linear_ramp",
     "log1p_normalize",
     "mixup",
+    "rbf_mmd",
     "sample_dominant_mixup_lambda",
     "sharpen",
     "sigmoid_ramp",

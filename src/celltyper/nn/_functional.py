@@ -108,3 +108,16 @@ class _GradientReversal(torch.autograd.Function):
 def grad_reverse(x: Tensor, weight: float = 1.0) -> Tensor:
     """Identity in the forward pass; multiplies the gradient by ``-weight`` going back."""
     return _GradientReversal.apply(x, weight)
+
+
+def labelled_cross_entropy(
+    logits: Tensor, labels: Tensor, labelled: Tensor, weight: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy over the labelled cells of a minibatch; 0 (with a graph) if none are.
+
+    Keeping the zero attached to ``logits`` lets a minibatch without labelled cells go
+    through the optimiser step like any other.
+    """
+    if not labelled.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labelled], labels[labelled], weight=weight)

@@ -8,13 +8,22 @@ from ._contrastive import (
     warmup_cosine_factor,
 )
 from ._mixmatch import MixMatchTrainingPlan
+from ._pretrain import FineTuningTrainingPlan, PseudoLabelDataModule, PseudoLabelTrainingPlan
+from ._rankformer import RankformerTrainingPlan
+from ._scatlasvae import AllCellsSplitter, SCATLASVAETrainingPlan
 
 __all__ = [
+    "AllCellsSplitter",
     "ClassifierHeadTrainingPlan",
     "ClassifierTrainingPlan",
     "ContrastiveTrainingPlan",
+    "FineTuningTrainingPlan",
     "MixMatchTrainingPlan",
+    "PseudoLabelDataModule",
+    "PseudoLabelTrainingPlan",
+    "RankformerTrainingPlan",
     "RestoreBestWeights",
+    "SCATLASVAETrainingPlan",
     "make_optimizer",
     "warmup_cosine_factor",
 ]

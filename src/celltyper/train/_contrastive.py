@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from torch import Tensor
 
 from celltyper.module import CELLULARModule
-from celltyper.nn import batch_mixing_loss, centroid_distance_loss, supervised_soft_nn_loss
+from celltyper.nn import (
+    batch_mixing_loss,
+    centroid_distance_loss,
+    labelled_cross_entropy,
+    supervised_soft_nn_loss,
+)
 
 from ._base import ClassifierTrainingPlan, OptimizerName, make_optimizer, merge_minibatches
 
@@ -193,11 +197,8 @@ class ClassifierHeadTrainingPlan(ClassifierTrainingPlan):
         with torch.no_grad():
             z = module.encoder(module.log_expression(batch))
         logits = module.classifier(z)
-        if labelled.any():
-            weights = None if self.class_weights is None else self.class_weights.to(z.device)
-            loss = F.cross_entropy(logits[labelled], labels[labelled], weight=weights)
-        else:
-            loss = logits.sum() * 0.0
+        weights = None if self.class_weights is None else self.class_weights.to(z.device)
+        loss = labelled_cross_entropy(logits, labels, labelled, weight=weights)
         n = len(z)
         self.log("train_loss", loss, on_epoch=True, on_step=False, batch_size=n, prog_bar=True)
         self.log("train_classification_loss", loss, on_epoch=True, on_step=False, batch_size=n)

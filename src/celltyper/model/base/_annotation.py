@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -30,6 +31,18 @@ class AnnotationMixin:
     novelty_threshold_: float | None = None
 
     # -- data resolution ----------------------------------------------------------------
+    @classmethod
+    def _extra_obs_columns(
+        cls, registry: dict, obs: pd.DataFrame, *, keep_new_batches: bool, what: str
+    ) -> dict[str, np.ndarray]:
+        """obs columns a model registers beyond the batch and the labels, for new data.
+
+        New data are rebuilt by :func:`~celltyper.model.base.build_model_data`, which
+        carries the batch and label columns; a model registering further obs columns
+        returns them here from the user's ``obs`` (none by default).
+        """
+        return {}
+
     @property
     def registration(self) -> Registration:
         """Genes, batches and cell types of the data the model was set up with."""
@@ -53,6 +66,9 @@ class AnnotationMixin:
             model_name=type(self).__name__,
             min_gene_overlap=getattr(self, "min_gene_overlap_", 0.5),
             what=what,
+            extra_columns=partial(
+                self._extra_obs_columns, self.registry_, keep_new_batches=False, what=what
+            ),
         )
         self._validate_anndata(internal)
         try:

@@ -10,6 +10,7 @@ cell types the reference never saw) are handled here, in one place.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +99,7 @@ def build_model_data(
     min_gene_overlap: float = 0.5,
     keep_new_batches: bool = False,
     what: str = "query",
+    extra_columns: Callable[[pd.DataFrame], dict[str, np.ndarray]] | None = None,
 ) -> AnnData | MuData:
     """A registered-ready copy of ``data`` aligned to the model's genes and categories.
 
@@ -119,6 +121,9 @@ def build_model_data(
         inference reads the batch (celltyper's encoders do not).
     what
         Name of the data in messages.
+    extra_columns
+        ``obs -> {column: values}`` for obs columns a model registers beyond the batch and
+        the labels (e.g. further covariates); called with the user's obs table.
     """
     rna, obs = split_modality(data, registration.rna_modality)
     check_not_empty(rna, what)
@@ -135,6 +140,8 @@ def build_model_data(
         columns[registration.batch_key] = _batch_column(obs, registration, keep_new_batches, what)
     if registration.labels_key is not None:
         columns[registration.labels_key] = _labels_column(obs, registration, what)
+    if extra_columns is not None:
+        columns.update(extra_columns(obs))
     cell_obs = pd.DataFrame(columns, index=rna.obs_names.copy())
 
     var = pd.DataFrame(index=registration.genes.copy())

@@ -220,6 +220,43 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
         return self.summary_stats.n_batch
 
     # -- training ---------------------------------------------------------------------------
+    def _make_splitter(
+        self,
+        validation_size: float,
+        batch_size: int,
+        seed: int | None,
+        allow_unlabelled_only: bool | None = None,
+        **splitter_kwargs,
+    ):
+        """The model's ``_data_splitter_cls`` over its registered data.
+
+        ``allow_unlabelled_only`` defaults to whether this is a query model (a query may
+        come without labels); further keywords (``balance_classes``,
+        ``include_unlabelled``, ...) go to the splitter.
+        """
+        if allow_unlabelled_only is None:
+            allow_unlabelled_only = self._is_query_model
+        return self._data_splitter_cls(
+            self.adata_manager,
+            n_labels=self.n_labels,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            seed=seed,
+            allow_unlabelled_only=allow_unlabelled_only,
+            **splitter_kwargs,
+        )
+
+    def _start_fresh_history(self) -> None:
+        """Forget the curves of the previous fit before a stage that logs other curves.
+
+        scvi's runner appends a trained model's new curves to the old ones and drops the
+        curves the old history lacks, so a method that trains in stages (pretraining,
+        then fine-tuning) starts each stage from an empty history; the runner sets
+        ``is_trained_`` again at its end.
+        """
+        self.history_ = None
+        self.is_trained_ = False
+
     def _run_training(
         self,
         training_plan,
@@ -234,9 +271,15 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
         restore_best_weights: bool = True,
         seed: int | None = 0,
         calibrate: bool = True,
+        monitor: str = "validation_loss",
+        monitor_mode: Literal["min", "max"] = "min",
         **trainer_kwargs,
     ) -> None:
-        """Fit ``training_plan`` with scvi-tools' runner, then calibrate novelty."""
+        """Fit ``training_plan`` with scvi-tools' runner, then calibrate novelty.
+
+        Early stopping and :class:`~celltyper.train.RestoreBestWeights` follow the logged
+        metric ``monitor``, minimised or maximised as ``monitor_mode`` says.
+        """
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
         has_validation = data_splitter.n_val > 0
@@ -247,7 +290,7 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
             early_stopping = False
         callbacks = list(trainer_kwargs.pop("callbacks", []))
         if restore_best_weights and has_validation:
-            callbacks.append(RestoreBestWeights("validation_loss", "min"))
+            callbacks.append(RestoreBestWeights(monitor, monitor_mode))
         if has_validation:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         runner = TrainRunner(
@@ -258,7 +301,8 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
             accelerator=accelerator,
             devices=devices,
             early_stopping=early_stopping,
-            early_stopping_monitor="validation_loss",
+            early_stopping_monitor=monitor,
+            early_stopping_mode=monitor_mode,
             early_stopping_patience=early_stopping_patience,
             min_epochs=min(min_epochs or 0, max_epochs),
             callbacks=callbacks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from anndata import AnnData
 from mudata import MuData
@@ -79,6 +80,9 @@ class QueryMixin(ArchesMixin):
             min_gene_overlap=min_gene_overlap,
             keep_new_batches=True,
             what="query",
+            extra_columns=partial(
+                cls._extra_obs_columns, registry, keep_new_batches=True, what="query"
+            ),
         )
         model = super().load_query_data(
             internal, reference, accelerator=accelerator, device=device, unfrozen=True

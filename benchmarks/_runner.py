@@ -1,0 +1,427 @@
+"""Run the benchmark: prepare each dataset once, then run every method over its units.
+
+A *unit* is one training of one method: (task, dataset, seed, variant), where the
+variant is the withheld type of a novelty unit or the label fraction of a
+label-efficiency unit. By default (always outside ``--quick``) each method runs all its
+units in a fresh Python process (``python -m benchmarks worker JOB``): its imports, peak
+memory and crashes stay its own, and a method that fails or runs out of time becomes
+error rows while the others carry on. Inside a unit a sampling thread records the
+process's peak resident memory (RSS) over training and prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import psutil
+
+from celltyper.metrics import classification_scores, expected_calibration_error, novelty_auroc
+
+from ._specs import TaskSpec, prepare, subsample_unlabelled_query
+from ._tasks import UNLABELLED
+
+RSS_INTERVAL_S = 0.02
+LABEL_FRACTIONS = (0.01, 0.05, 0.2)
+
+
+@dataclass(frozen=True)
+class Unit:
+    task: str
+    dataset: str
+    seed: int
+    variant: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.dataset}/{self.seed}/{self.variant}"
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled in a thread."""
+
+    def __init__(self, interval: float = RSS_INTERVAL_S):
+        self.interval, self.peak = interval, 0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+# -- planning ---------------------------------------------------------------------------
+def plan_units(
+    specs: list[TaskSpec],
+    prepared: dict[str, ad.AnnData],
+    tasks: list[str],
+    seeds: list[int],
+    quick: bool,
+) -> list[Unit]:
+    """Every unit of the run, in the order a worker runs them (transfer first)."""
+    units: list[Unit] = []
+    order = ("transfer", "integration", "label_efficiency", "novelty")
+    for task in order:
+        if task not in tasks:
+            continue
+        for spec in specs:
+            if task not in spec.tasks:
+                continue
+            opts = spec.task_options(task)
+            task_seeds = seeds[: int(opts.get("max_seeds", len(seeds)))]
+            variants = [""]
+            if task == "novelty":
+                obs = prepared[spec.name].obs
+                types = sorted(set(obs.loc[obs["is_reference"], "train_label"]) - {UNLABELLED})
+                variants = [str(t) for t in opts.get("types", types)]
+                if quick:
+                    variants = variants[:1]
+            elif task == "label_efficiency":
+                variants = [str(f) for f in opts.get("fractions", LABEL_FRACTIONS)]
+            units += [Unit(task, spec.name, s, v) for s in task_seeds for v in variants]
+    return units
+
+
+# -- one unit ---------------------------------------------------------------------------
+def unit_data(unit: Unit, adata: ad.AnnData, options: dict, quick: bool) -> ad.AnnData:
+    """The AnnData a unit trains on (a withheld type or a fraction of the labels)."""
+    if unit.task not in ("novelty", "label_efficiency"):
+        return adata
+    max_query = options.get("max_unlabelled_query")
+    if max_query is not None and not quick:
+        # Seed 0 for every seed and method: all of them see the same cells.
+        adata = subsample_unlabelled_query(adata, int(max_query), seed=0)
+    labels = adata.obs["train_label"].to_numpy()
+    if unit.task == "novelty":
+        withheld = adata.obs["is_reference"].to_numpy() & (labels == unit.variant)
+        return adata[~withheld].copy()
+    fraction = float(unit.variant)
+    rng = np.random.default_rng(unit.seed)
+    keep = np.zeros(adata.n_obs, dtype=bool)
+    # Stratified, at least one cell per type, so every reference type stays known.
+    for cell_type in sorted(set(labels) - {UNLABELLED}):
+        members = np.flatnonzero(labels == cell_type)
+        n = max(1, round(fraction * len(members)))
+        keep[rng.choice(members, size=n, replace=False)] = True
+    adata = adata.copy()
+    adata.obs["train_label"] = np.where(keep, labels, UNLABELLED)
+    return adata
+
+
+def evaluate(unit: Unit, fitted, data: ad.AnnData) -> tuple[dict, np.ndarray | None]:
+    """Scores of a fitted method on its unit, and the latent for integration units."""
+    if unit.task == "integration":
+        start = time.perf_counter()
+        latent = np.asarray(fitted.latent(), dtype=np.float32)
+        return {"latent_seconds": time.perf_counter() - start}, latent
+    query = np.flatnonzero(~data.obs["is_reference"].to_numpy())
+    start = time.perf_counter()
+    table = fitted.annotate(query)
+    predict_seconds = time.perf_counter() - start
+    scored = data.obs["scored"].to_numpy()[query]
+    table = table.iloc[np.flatnonzero(scored)]
+    y_true = data.obs["true_label"].to_numpy()[query][scored]
+    pred = table["prediction"].to_numpy().astype(str)
+    row: dict = {
+        "predict_seconds": predict_seconds,
+        "predict_cells_per_s": len(query) / max(predict_seconds, 1e-9),
+        "n_scored": int(scored.sum()),
+    }
+    if unit.task == "novelty":
+        is_novel = y_true == unit.variant
+        novel_flag = table["novel"].to_numpy(dtype=float)
+        row.update(
+            novelty_auroc=novelty_auroc(table["novelty"].to_numpy(dtype=float), is_novel),
+            flagged_novel=float(np.mean(novel_flag[is_novel])),
+            flagged_known=float(np.mean(novel_flag[~is_novel])),
+            accuracy_known=float(np.mean(pred[~is_novel] == y_true[~is_novel])),
+            n_novel=int(is_novel.sum()),
+        )
+        return row, None
+    row.update(classification_scores(y_true, pred))
+    confidence = np.clip(table["confidence"].to_numpy(dtype=float), 0.0, 1.0)
+    row["ece"] = expected_calibration_error(confidence, pred == y_true)
+    return row, None
+
+
+def run_unit(method, unit: Unit, data: ad.AnnData, batch_key: str, quick: bool) -> tuple:
+    from ._methods import FitInput
+
+    inp = FitInput(data, batch_key, unit.seed, quick)
+    with PeakRSS() as rss:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fitted = method.fit(inp)
+        train_seconds = time.perf_counter() - start
+        # CPU seconds of all threads: less sensitive than wall time to a busy machine.
+        train_cpu_seconds = time.process_time() - cpu_start
+        row, latent = evaluate(unit, fitted, data)
+    row.update(
+        train_seconds=train_seconds,
+        train_cpu_seconds=train_cpu_seconds,
+        peak_rss_mb=rss.peak_mb,
+        n_cells=int(data.n_obs),
+        n_labelled=int((data.obs["train_label"] != UNLABELLED).sum()),
+    )
+    return row, latent
+
+
+# -- a worker: all units of one method ----------------------------------------------------
+def set_threads(threads: int) -> None:
+    """Torch threads, if torch is loaded (a subprocess gets OMP_NUM_THREADS instead, so
+    that methods without torch do not pay for importing it)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def run_method_units(job: dict, method=None) -> None:
+    """Run every unit of ``job["method"]``; rows go to ``job["rows_file"]`` as JSON lines.
+
+    ``method`` (a :class:`~benchmarks._methods.Method`) is looked up by name when omitted.
+    """
+    import warnings
+
+    from ._methods import all_methods
+
+    warnings.filterwarnings("ignore")
+    set_threads(job["threads"])
+    from threadpoolctl import threadpool_limits
+
+    method = method or all_methods()[job["method"]]
+    cache: dict[str, ad.AnnData] = {}
+    rows_file = Path(job["rows_file"])
+    unavailable = ""
+    try:
+        if method.preload is not None:
+            method.preload()
+    except ImportError as err:
+        unavailable = f"{type(err).__name__}: {err}"
+    with threadpool_limits(job["threads"]):
+        for raw_unit in job["units"]:
+            unit = Unit(**raw_unit)
+            dataset = job["datasets"][unit.dataset]
+            if unit.dataset not in cache:
+                cache[unit.dataset] = ad.read_h5ad(dataset["file"])
+            base = {
+                "method": method.name,
+                "family": method.family,
+                **asdict(unit),
+            }
+            if unavailable:
+                base.update(status="not available", error=unavailable)
+                with open(rows_file, "a") as handle:
+                    handle.write(json.dumps(base) + "\n")
+                continue
+            try:
+                options = dataset.get(unit.task, {})
+                data = unit_data(unit, cache[unit.dataset], options, job["quick"])
+                row, latent = run_unit(method, unit, data, dataset["batch_key"], job["quick"])
+                if latent is not None:
+                    name = f"{unit.dataset}__{method.name}__{unit.seed}.npy"
+                    path = Path(job["latent_dir"]) / name
+                    np.save(path, latent)
+                    row["latent_file"] = str(path)
+                base.update(status="ok", **row)
+            except ImportError as err:
+                base.update(status="not available", error=f"{type(err).__name__}: {err}")
+            except Exception as err:  # one failing unit must not stop the others
+                traceback.print_exc()
+                base.update(status="error", error=f"{type(err).__name__}: {err}"[:500])
+            with open(rows_file, "a") as handle:
+                handle.write(json.dumps(base, default=float) + "\n")
+            shown = base.get("error") or _brief(base)
+            print(f"[{method.name}] {unit.key}: {base['status']} {shown}", flush=True)
+
+
+def _brief(row: dict) -> str:
+    keys = ("balanced_accuracy", "novelty_auroc", "train_seconds")
+    return " ".join(f"{k}={row[k]:.3f}" for k in keys if k in row)
+
+
+def worker_main(job_path: Path) -> None:
+    run_method_units(json.loads(Path(job_path).read_text()))
+
+
+def launch(job: dict, method, isolate: bool, timeout: float | None, work: Path) -> str:
+    """Run one method's units, in a subprocess when ``isolate``; returns an error or ''."""
+    job_path, log = work / "jobs" / f"{method.name}.json", work / "logs" / f"{method.name}.log"
+    job_path.write_text(json.dumps(job, indent=1))
+    if not isolate:
+        run_method_units(job, method)
+        return ""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(job["threads"])
+    env["PYTHONWARNINGS"] = "ignore"
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "benchmarks", "worker", str(job_path)]
+    with open(log, "w") as handle:
+        try:
+            proc = subprocess.run(
+                command, cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return f"timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        return f"worker exited with code {proc.returncode}: {' | '.join(tail)}"[:500]
+    return ""
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- the whole run ------------------------------------------------------------------------
+def run_benchmark(
+    specs: list[TaskSpec],
+    methods: list,
+    tasks: list[str],
+    seeds: list[int],
+    data_dir: Path,
+    out_dir: Path,
+    quick: bool,
+    isolate: bool,
+    threads: int = 1,
+    method_timeout: float | None = None,
+    jobs: int = 1,
+    log=print,
+) -> list[dict]:
+    """Prepare the data, run each method's units, score integration; returns the rows."""
+    work = out_dir / "_work"
+    for sub in ("data", "latent", "jobs", "rows", "logs"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    specs = [s for s in specs if set(s.tasks) & set(tasks)]
+    prepared: dict[str, ad.AnnData] = {}
+    datasets: dict[str, dict] = {}
+    for spec in specs:
+        start = time.perf_counter()
+        adata = prepare(spec, data_dir, quick=quick)
+        path = work / "data" / f"{spec.name}.h5ad"
+        adata.write_h5ad(path)
+        prepared[spec.name] = adata
+        datasets[spec.name] = {
+            "file": str(path),
+            "batch_key": spec.batch_key,
+            **{task: spec.task_options(task) for task in spec.tasks},
+        }
+        log(
+            f"{spec.name}: {adata.n_obs} cells ({int(adata.obs['is_reference'].sum())} "
+            f"reference, {int(adata.obs['scored'].sum())} scored) x {adata.n_vars} genes, "
+            f"prepared in {time.perf_counter() - start:.0f} s"
+        )
+    units = plan_units(specs, prepared, tasks, seeds, quick)
+    settings = {"quick": quick, "threads": threads, "isolate": isolate, "timeout": method_timeout}
+
+    def one(method) -> list[dict]:
+        return _run_method(method, units, datasets, work, settings, log)
+
+    if isolate and jobs > 1:
+        # Methods run side by side, each in its own process with ``threads`` threads.
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            per_method = list(pool.map(one, methods))
+    else:
+        per_method = [one(method) for method in methods]
+    rows = [row for method_rows in per_method for row in method_rows]
+    score_integration(rows, specs, prepared, threads, log)
+    return rows
+
+
+def _run_method(method, units, datasets, work: Path, settings: dict, log) -> list[dict]:
+    """All units of one method; units that produced no row become error rows."""
+    mine = [u for u in units if method.runs(u.task)]
+    base = {"method": method.name, "family": method.family}
+    reason = method.unavailable() if mine else None
+    if reason:
+        log(f"{method.name}: not available: {reason}")
+        return [{**base, **asdict(u), "status": "not available", "error": reason} for u in mine]
+    if not mine:
+        return []
+    rows_file = work / "rows" / f"{method.name}.jsonl"
+    rows_file.unlink(missing_ok=True)
+    job = {
+        "method": method.name,
+        "units": [asdict(u) for u in mine],
+        "datasets": datasets,
+        "quick": settings["quick"],
+        "threads": settings["threads"],
+        "rows_file": str(rows_file),
+        "latent_dir": str(work / "latent"),
+    }
+    start = time.perf_counter()
+    isolate = settings["isolate"]
+    log(f"{method.name}: {len(mine)} units{' in a subprocess' if isolate else ''}")
+    failure = launch(job, method, isolate, settings["timeout"], work)
+    done = read_rows(rows_file)
+    finished = {Unit(r["task"], r["dataset"], r["seed"], r["variant"]).key for r in done}
+    done += [
+        {**base, **asdict(u), "status": "error", "error": failure or "no result"}
+        for u in mine
+        if u.key not in finished
+    ]
+    n_ok = sum(r["status"] == "ok" for r in done)
+    log(
+        f"{method.name}: {n_ok}/{len(done)} units ok in {time.perf_counter() - start:.0f} s"
+        + (f" ({failure})" if failure else "")
+    )
+    return done
+
+
+def score_integration(rows, specs, prepared, threads, log) -> None:
+    """scib-metrics of every integration latent, one scib run per dataset and seed."""
+    for spec in specs:
+        mine = [
+            r
+            for r in rows
+            if r["task"] == "integration" and r["dataset"] == spec.name and r["status"] == "ok"
+        ]
+        for seed in sorted({r["seed"] for r in mine}):
+            group = [r for r in mine if r["seed"] == seed]
+            adata = prepared[spec.name]
+            start = time.perf_counter()
+            try:
+                from ._integration import scib_scores
+                from ._shims import exact_scib_neighbours
+
+                embeddings = {r["method"]: np.load(r["latent_file"]) for r in group}
+                with exact_scib_neighbours():
+                    table = scib_scores(
+                        adata, embeddings, spec.batch_key, "true_label",
+                        mask=adata.obs["scored"].to_numpy(), n_jobs=threads,
+                    )  # fmt: skip
+            except Exception as err:
+                traceback.print_exc()
+                for r in group:
+                    r.update(status="error", error=f"scib: {type(err).__name__}: {err}"[:500])
+                continue
+            for r in group:
+                r.update({str(k): float(v) for k, v in table.loc[r["method"]].items()})
+            log(f"scib {spec.name} seed {seed}: {time.perf_counter() - start:.0f} s")

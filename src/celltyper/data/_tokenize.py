@@ -1,0 +1,305 @@
+"""Rank-value tokenisation of expression profiles (Geneformer, with scGPT-style value bins).
+
+A cell becomes the list of its most highly expressed genes, ranked after each gene is
+divided by its typical expression in the reference (the median of its non-zero,
+total-normalised values), so that ubiquitous housekeeping genes rank lower than genes that
+are high *for them*. Token ids are ``N_SPECIAL_TOKENS + gene index``; ``CLS_TOKEN`` opens
+every cell and ``PAD_TOKEN`` fills the rows of cells with fewer expressed genes than the
+sequence length. Genes with zero counts never become tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import sparse
+from torch import Tensor
+
+PAD_TOKEN = 0
+CLS_TOKEN = 1
+MASK_TOKEN = 2
+#: Ids below this are special tokens; gene ``g`` has id ``N_SPECIAL_TOKENS + g``.
+N_SPECIAL_TOKENS = 3
+#: Total each cell is scaled to before the per-gene scaling (``normalize_total``).
+TOKENIZE_TARGET_SUM = 1e4
+
+
+@dataclass
+class RankTokens:
+    """A tokenised minibatch.
+
+    Attributes
+    ----------
+    tokens
+        ``(n_cells, 1 + length)`` token ids: ``CLS_TOKEN``, then gene tokens by decreasing
+        scaled expression, then ``PAD_TOKEN``.
+    padding_mask
+        ``(n_cells, 1 + length)``, ``True`` at padding positions (attention ignores them).
+    bins
+        ``(n_cells, 1 + length)`` value bins ``1 .. n_bins`` of the gene tokens (0 at CLS
+        and padding), or ``None`` without value bins.
+    """
+
+    tokens: Tensor
+    padding_mask: Tensor
+    bins: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def _row_normalize(x: Tensor, target_sum: float) -> Tensor:
+    totals = x.sum(dim=1, keepdim=True)
+    # Cells without a count stay zero instead of turning into NaN.
+    totals = torch.where(totals > 0, totals, torch.ones_like(totals))
+    return x / totals * target_sum
+
+
+def nonzero_gene_medians(
+    matrix, target_sum: float = TOKENIZE_TARGET_SUM, chunk_size: int = 8192
+) -> np.ndarray:
+    """Median of each gene's non-zero values after ``normalize_total``.
+
+    Parameters
+    ----------
+    matrix
+        Cells x genes raw counts (dense or sparse), usually the reference cells.
+    target_sum
+        Total each cell is scaled to first.
+    chunk_size
+        Cells normalised at a time (bounds the memory of dense inputs).
+
+    Returns
+    -------
+    ``(n_genes,)`` float64 medians; 1.0 for a gene never expressed (it can only become a
+    token in new data, and then ranks by its plain normalised value).
+    """
+    rows, cols, vals = [], [], []
+    for start in range(0, matrix.shape[0], chunk_size):
+        block = matrix[start : start + chunk_size]
+        block = sparse.csr_matrix(block, dtype=np.float64)
+        totals = np.asarray(block.sum(axis=1)).reshape(-1)
+        totals[totals == 0] = 1.0
+        block = sparse.diags(target_sum / totals) @ block
+        block.eliminate_zeros()
+        coo = block.tocoo()
+        rows.append(coo.row + start)
+        cols.append(coo.col)
+        vals.append(coo.data)
+    n_genes = matrix.shape[1]
+    cols_all = np.concatenate(cols) if cols else np.array([], dtype=np.int64)
+    vals_all = np.concatenate(vals) if vals else np.array([], dtype=np.float64)
+    medians = np.ones(n_genes, dtype=np.float64)
+    if len(vals_all) == 0:
+        return medians
+    # Sort the non-zero values by (gene, value) once; the median of gene g is then read at
+    # the middle of its run -- no loop over genes or cells.
+    order = np.lexsort((vals_all, cols_all))
+    cols_sorted, vals_sorted = cols_all[order], vals_all[order]
+    counts = np.bincount(cols_sorted, minlength=n_genes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    present = counts > 0
+    low = starts[present] + (counts[present] - 1) // 2
+    high = starts[present] + counts[present] // 2
+    medians[present] = 0.5 * (vals_sorted[low] + vals_sorted[high])
+    return medians
+
+
+def rank_value_tokenize(
+    x: Tensor,
+    gene_medians: Tensor,
+    n_tokens: int,
+    n_bins: int = 0,
+    target_sum: float = TOKENIZE_TARGET_SUM,
+    trim: bool = True,
+) -> RankTokens:
+    """Tokenise a dense minibatch of counts by rank-value encoding.
+
+    Parameters
+    ----------
+    x
+        ``(n_cells, n_genes)`` non-negative counts.
+    gene_medians
+        ``(n_genes,)`` positive scale of each gene (:func:`nonzero_gene_medians` of the
+        reference).
+    n_tokens
+        Most genes kept per cell (the top ``n_tokens`` by scaled expression).
+    n_bins
+        Number of per-cell value bins (0: no bins). A gene's bin is
+        ``1 + floor(n_bins * q)`` (capped at ``n_bins``), ``q`` the share of the cell's
+        expressed genes with a strictly lower normalised value: equal-frequency bins of
+        ``log1p`` expression, as in scGPT.
+    target_sum
+        Total each cell is scaled to before the per-gene scaling.
+    trim
+        Shorten the sequence to the largest number of tokens a cell of the minibatch has
+        (saves attention over columns that are padding in every cell).
+
+    Returns
+    -------
+    :class:`RankTokens` of length ``1 + min(n_tokens, n_genes)`` (or less when trimmed).
+    Ties in scaled expression are broken by the lower gene index.
+    """
+    if x.ndim != 2 or x.shape[1] != gene_medians.shape[0]:
+        raise ValueError(f"x must be (n_cells, {gene_medians.shape[0]}), got {tuple(x.shape)}.")
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}.")
+    length = min(n_tokens, x.shape[1])
+    if trim:
+        length = min(length, int((x > 0).sum(dim=1).max()) if len(x) else 0)
+    genes = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    return _tokenize_compressed(x.float(), genes, gene_medians, length, n_bins, target_sum)
+
+
+def _tokenize_compressed(
+    values: Tensor,
+    genes: Tensor,
+    gene_medians: Tensor,
+    length: int,
+    n_bins: int,
+    target_sum: float,
+) -> RankTokens:
+    """Tokenise cells given as rows of (count, gene index) pairs into ``1 + length`` tokens.
+
+    Zero counts are never tokens. The expressed genes of a row must be in increasing gene
+    order, so that a stable sort breaks ties by gene index. A dense matrix is the case
+    where row ``i`` holds every gene; a sparse matrix gives rows of its non-zeros only,
+    which is much faster to sort.
+    """
+    normalized = _row_normalize(values, target_sum)
+    medians = gene_medians.to(values.device, torch.float32)
+    scores = normalized / medians[genes]
+    n_expressed = (values > 0).sum(dim=1)
+    # A stable descending sort breaks ties by gene index, so a cell always gives the same
+    # tokens whatever the kernel (topk gives no such guarantee).
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :length]
+    padding = torch.gather(scores, 1, order) <= 0
+    kept_genes = torch.gather(genes, 1, order)
+    gene_tokens = torch.where(padding, PAD_TOKEN, kept_genes + N_SPECIAL_TOKENS)
+    if gene_tokens.shape[1] < length:
+        # Fewer stored entries than tokens asked for (sparse rows): pad to the length.
+        extra = length - gene_tokens.shape[1]
+        gene_tokens = F.pad(gene_tokens, (0, extra), value=PAD_TOKEN)
+        padding = F.pad(padding, (0, extra), value=True)
+    n_cells = values.shape[0]
+    cls = torch.full((n_cells, 1), CLS_TOKEN, dtype=torch.long, device=values.device)
+    tokens = torch.cat([cls, gene_tokens.long()], dim=1)
+    padding_mask = torch.cat([torch.zeros_like(cls, dtype=torch.bool), padding], dim=1)
+    bins = None
+    if n_bins > 0:
+        bins = _value_bins(normalized, order, padding[:, : order.shape[1]], n_expressed, n_bins)
+        bins = F.pad(bins, (1, tokens.shape[1] - 1 - bins.shape[1]), value=0)
+    return RankTokens(tokens, padding_mask, bins)
+
+
+def _value_bins(
+    normalized: Tensor, order: Tensor, padding: Tensor, n_expressed: Tensor, n_bins: int
+) -> Tensor:
+    """Equal-frequency bins of each kept gene's value among the cell's expressed genes."""
+    values = torch.gather(normalized, 1, order)
+    ascending = torch.sort(normalized, dim=1).values
+    # Values strictly below, minus the zeros, gives the rank among expressed genes (ties
+    # share a bin). log1p is monotone, so ranking normalised values ranks log1p values.
+    below = torch.searchsorted(ascending, values.contiguous(), side="left")
+    n_zero = (normalized.shape[1] - n_expressed).unsqueeze(1)
+    rank = (below - n_zero).clamp_min(0)
+    n_expr = n_expressed.clamp_min(1).unsqueeze(1)
+    bins = 1 + torch.div(rank * n_bins, n_expr, rounding_mode="floor")
+    bins = bins.clamp_max(n_bins)
+    return torch.where(padding, 0, bins).long()
+
+
+def _compress_rows(block: sparse.csr_matrix) -> tuple[Tensor, Tensor]:
+    """Rows of a CSR block as (values, gene index) matrices padded with zero values."""
+    block = block.copy() if not block.has_sorted_indices else block
+    block.sort_indices()
+    counts = np.diff(block.indptr)
+    width = max(int(counts.max()) if len(counts) else 0, 1)
+    rows = np.repeat(np.arange(block.shape[0]), counts)
+    positions = np.arange(block.nnz) - np.repeat(block.indptr[:-1], counts)
+    values = np.zeros((block.shape[0], width), dtype=np.float32)
+    # Padding entries have value 0, so they never become tokens whatever their gene.
+    genes = np.zeros((block.shape[0], width), dtype=np.int64)
+    values[rows, positions] = block.data
+    genes[rows, positions] = block.indices
+    return torch.from_numpy(values), torch.from_numpy(genes)
+
+
+def tokenize_matrix(
+    matrix,
+    gene_medians: np.ndarray | Tensor,
+    n_tokens: int,
+    n_bins: int = 0,
+    target_sum: float = TOKENIZE_TARGET_SUM,
+    chunk_size: int = 4096,
+    progress: bool = False,
+) -> RankTokens:
+    """Tokenise a whole cells x genes matrix (dense or sparse) chunk by chunk.
+
+    A sparse matrix is processed in chunks of cells with similar numbers of expressed
+    genes, each reduced to its non-zero entries per row before sorting (a cell has far
+    fewer expressed genes than genes); a dense chunk is sorted whole. Both give the tokens
+    of :func:`rank_value_tokenize`, in the rows' original order. Every cell gets the same length
+    ``1 + min(n_tokens, m)``, ``m`` the largest number of genes a cell of ``matrix``
+    expresses.
+
+    Parameters
+    ----------
+    matrix
+        Raw counts, cells x genes.
+    gene_medians
+        Per-gene scale, as in :func:`rank_value_tokenize`.
+    n_tokens, n_bins, target_sum
+        As in :func:`rank_value_tokenize`.
+    chunk_size
+        Cells tokenised at a time.
+    progress
+        Show a progress bar over the chunks.
+    """
+    from scvi.utils import track
+
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}.")
+    medians = torch.as_tensor(np.asarray(gene_medians), dtype=torch.float32)
+    n_cells, n_genes = matrix.shape
+    # The longest cell sets the length: columns of padding in every cell cost memory and
+    # attention for nothing.
+    n_expressed = (
+        np.diff(sparse.csr_matrix(matrix).indptr)
+        if sparse.issparse(matrix)
+        else (np.asarray(matrix) > 0).sum(axis=1)
+    )
+    length = min(n_tokens, n_genes, int(n_expressed.max()) if n_cells else 0)
+    out = RankTokens(
+        torch.zeros((n_cells, 1 + length), dtype=torch.long),
+        torch.zeros((n_cells, 1 + length), dtype=torch.bool),
+        torch.zeros((n_cells, 1 + length), dtype=torch.long) if n_bins else None,
+    )
+    is_sparse = sparse.issparse(matrix)
+    if is_sparse:
+        matrix = sparse.csr_matrix(matrix, dtype=np.float32)
+        # Cells of similar length share a chunk, so each chunk sorts little padding.
+        order = np.argsort(n_expressed, kind="stable")
+    else:
+        order = np.arange(n_cells)
+    starts = range(0, n_cells, chunk_size)
+    if progress:
+        starts = track(starts, description="Tokenising")
+    for start in starts:
+        rows = order[start : start + chunk_size]
+        if is_sparse:
+            values, genes = _compress_rows(matrix[rows])
+        else:
+            block = np.asarray(matrix[start : start + chunk_size])
+            values = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+            genes = torch.arange(values.shape[1]).expand(values.shape[0], -1)
+        part = _tokenize_compressed(values, genes, medians, length, n_bins, target_sum)
+        index = torch.from_numpy(rows)
+        out.tokens[index] = part.tokens
+        out.padding_mask[index] = part.padding_mask
+        if n_bins:
+            out.bins[index] = part.bins
+    return out

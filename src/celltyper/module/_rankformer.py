@@ -1,0 +1,193 @@
+"""RANKFORMER's torch module: a transformer over rank-value encoded genes."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.module.base import LossOutput, auto_move_data
+from torch import Tensor, nn
+
+from celltyper.data import (
+    MASK_TOKEN,
+    N_SPECIAL_TOKENS,
+    PAD_TOKEN,
+    RankTokens,
+    rank_value_tokenize,
+)
+from celltyper.nn import TransformerEncoder, labelled_cross_entropy
+
+from ._base import CellTyperModule
+
+
+class RANKFORMERModule(CellTyperModule):
+    """Gene (+ value) embedding -> pre-LN transformer -> CLS -> MLP head.
+
+    Raw counts come in; each minibatch is tokenised here (rank-value encoding with the
+    reference's per-gene medians, stored as the buffer ``gene_medians`` so that saved
+    models and query models reuse them).
+
+    Parameters
+    ----------
+    n_input
+        Number of genes (the vocabulary is these genes plus ``N_SPECIAL_TOKENS``).
+    n_labels
+        Number of reference cell types.
+    gene_medians
+        ``(n_input,)`` positive per-gene scale (median of non-zero normalised values in
+        the reference); ``None`` starts from ones (a state dict then brings the values).
+    n_tokens
+        Most genes a cell contributes (top by scaled expression).
+    n_bins
+        Value bins of the scGPT-style value embedding; 0 leaves it out.
+    d_model, n_layers, n_heads, d_ff
+        Transformer sizes.
+    dropout
+        Dropout of the transformer and the head.
+    head_hidden
+        Hidden width of the classification head (Linear -> BatchNorm -> GELU -> Linear).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        gene_medians: np.ndarray | None = None,
+        n_tokens: int = 128,
+        n_bins: int = 10,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ff: int = 128,
+        dropout: float = 0.1,
+        head_hidden: int = 128,
+    ):
+        super().__init__()
+        if n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {n_tokens}.")
+        if n_bins < 0:
+            raise ValueError(f"n_bins must be >= 0, got {n_bins}.")
+        self.n_input = n_input
+        self.n_labels = n_labels
+        self.n_tokens = n_tokens
+        self.n_bins = n_bins
+        self.d_model = d_model
+        medians = np.ones(n_input) if gene_medians is None else np.asarray(gene_medians)
+        if medians.shape != (n_input,) or not np.all(medians > 0):
+            raise ValueError(f"gene_medians must be {n_input} positive values.")
+        self.register_buffer("gene_medians", torch.as_tensor(medians, dtype=torch.float32))
+        self.gene_embedding = nn.Embedding(
+            n_input + N_SPECIAL_TOKENS, d_model, padding_idx=PAD_TOKEN
+        )
+        self.value_embedding = (
+            nn.Embedding(n_bins + 1, d_model, padding_idx=0) if n_bins > 0 else None
+        )
+        # Small embeddings (BERT's 0.02) start attention near uniform, so the CLS token
+        # begins as an average of its cell's genes and the classifier learns from the
+        # first steps; unit-variance embeddings left it at chance for many epochs.
+        nn.init.normal_(self.gene_embedding.weight, std=0.02)
+        self.gene_embedding.weight.data[PAD_TOKEN] = 0.0
+        if self.value_embedding is not None:
+            nn.init.normal_(self.value_embedding.weight, std=0.02)
+            self.value_embedding.weight.data[0] = 0.0
+        self.encoder = TransformerEncoder(n_layers, d_model, n_heads, d_ff, dropout)
+        self.classifier = nn.Sequential(
+            nn.Linear(d_model, head_hidden),
+            nn.BatchNorm1d(head_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(head_hidden, n_labels),
+        )
+        # Masked-gene head (BERT-style transform, output tied to the gene embedding).
+        self.mlm_transform = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model)
+        )
+        self.mlm_bias = nn.Parameter(torch.zeros(n_input))
+
+    # -- tokens and encoder -------------------------------------------------------------
+    def tokenize(self, tensors: dict[str, Tensor]) -> RankTokens:
+        """Rank-value tokens of the minibatch's counts."""
+        return rank_value_tokenize(
+            self.expression(tensors), self.gene_medians, self.n_tokens, self.n_bins
+        )
+
+    def encode(self, tokens: RankTokens) -> Tensor:
+        """Hidden states ``(n_cells, length, d_model)`` of tokenised cells (float32)."""
+        x = self.gene_embedding(tokens.tokens)
+        if self.value_embedding is not None and tokens.bins is not None:
+            x = x + self.value_embedding(tokens.bins)
+        # bf16 on a GPU (flash / memory-efficient attention); float32 on a CPU.
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext()
+        with autocast:
+            hidden = self.encoder(x, tokens.padding_mask)
+        return hidden.float()
+
+    def cls_embedding(self, tokens: RankTokens) -> Tensor:
+        """The CLS token's final hidden state, the cell's latent representation."""
+        return self.encode(tokens)[:, 0]
+
+    def mask_tokens(self, tokens: RankTokens, mask_prob: float) -> tuple[RankTokens, Tensor]:
+        """Replace a random ``mask_prob`` of each cell's gene tokens by ``MASK_TOKEN``.
+
+        Returns the masked tokens and the boolean positions masked (never CLS or padding).
+        The value bins stay, so the task reads "which gene sits at this level here?".
+        """
+        candidates = tokens.tokens >= N_SPECIAL_TOKENS
+        masked = candidates & (
+            torch.rand(tokens.tokens.shape, device=candidates.device) < mask_prob
+        )
+        ids = torch.where(masked, MASK_TOKEN, tokens.tokens)
+        return RankTokens(ids, tokens.padding_mask, tokens.bins), masked
+
+    def masked_gene_logits(self, hidden: Tensor) -> Tensor:
+        """Logits over genes of hidden states ``(..., d_model) -> (..., n_input)``."""
+        genes = self.gene_embedding.weight[N_SPECIAL_TOKENS:]
+        return self.mlm_transform(hidden) @ genes.T + self.mlm_bias
+
+    def masked_gene_loss(
+        self, hidden: Tensor, targets: Tensor, masked: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-entropy and accuracy of the gene identity at the masked positions."""
+        if not masked.any():
+            zero = hidden.sum() * 0.0
+            return zero, zero.detach()
+        logits = self.masked_gene_logits(hidden[masked])
+        target = targets[masked] - N_SPECIAL_TOKENS
+        loss = F.cross_entropy(logits, target)
+        accuracy = (logits.argmax(dim=1) == target).float().mean()
+        return loss, accuracy.detach()
+
+    # -- CellTyperModule interface ------------------------------------------------------
+    @auto_move_data
+    def embed(self, tensors: dict[str, Tensor]) -> Tensor:
+        return self.cls_embedding(self.tokenize(tensors))
+
+    @auto_move_data
+    def classify(self, tensors: dict[str, Tensor]) -> Tensor:
+        return self.classifier(self.embed(tensors))
+
+    # -- BaseModuleClass interface --------------------------------------------------------
+    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict:
+        return {"tokens": self.tokenize(tensors)}
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict:
+        return {}
+
+    @auto_move_data
+    def inference(self, tokens: RankTokens) -> dict[str, Tensor]:
+        z = self.cls_embedding(tokens)
+        return {"z": z, "logits": self.classifier(z)}
+
+    def generative(self) -> dict:
+        return {}
+
+    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
+        """Cross-entropy on the labelled cells of the minibatch."""
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+        logits = inference_outputs["logits"]
+        labelled = labels < self.n_labels
+        loss = labelled_cross_entropy(logits, labels, labelled)
+        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))

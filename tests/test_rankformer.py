@@ -1,0 +1,375 @@
+"""RANKFORMER: tokeniser, attention layer, padding/permutation invariance, training paths."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import UNKNOWN, make_counts_adata, tiny_kwargs
+
+from celltyper.data import (
+    CLS_TOKEN,
+    MASK_TOKEN,
+    N_SPECIAL_TOKENS,
+    PAD_TOKEN,
+    RankTokens,
+    nonzero_gene_medians,
+    rank_value_tokenize,
+    tokenize_matrix,
+)
+from celltyper.model import RANKFORMER
+from celltyper.module import RANKFORMERModule
+from celltyper.nn import MultiHeadSelfAttention
+
+P, C = PAD_TOKEN, CLS_TOKEN
+
+
+def _g(index: int) -> int:
+    return N_SPECIAL_TOKENS + index
+
+
+# A hand-made matrix: 3 cells x 5 genes; gene medians 1, 2, 1, 4, 1.
+HAND_X = np.array(
+    [
+        [4, 0, 2, 8, 0],  # scaled 4, 0, 2, 2, 0 -> gene 0, then the tie 2/3 by index
+        [0, 6, 1, 0, 3],  # scaled 0, 3, 1, 0, 3 -> tie 1/4 by index, then gene 2
+        [0, 0, 0, 0, 5],  # one expressed gene, then padding
+    ],
+    dtype=np.float32,
+)
+HAND_MEDIANS = np.array([1.0, 2.0, 1.0, 4.0, 1.0])
+HAND_TOKENS = [
+    [C, _g(0), _g(2), _g(3)],
+    [C, _g(1), _g(4), _g(2)],
+    [C, _g(4), P, P],
+]
+# Two bins per cell: 1 + floor(2 * (expressed genes with a lower value) / n_expressed).
+HAND_BINS = [[0, 1, 1, 2], [0, 2, 1, 1], [0, 1, 0, 0]]
+
+
+# -- tokeniser --------------------------------------------------------------------------------
+def test_tokenizer_on_hand_made_matrix():
+    tokens = rank_value_tokenize(
+        torch.from_numpy(HAND_X), torch.tensor(HAND_MEDIANS), n_tokens=10, n_bins=2
+    )
+    assert tokens.tokens.tolist() == HAND_TOKENS
+    assert tokens.padding_mask.tolist() == [
+        [False, False, False, False],
+        [False, False, False, False],
+        [False, False, True, True],
+    ]
+    assert tokens.bins.tolist() == HAND_BINS
+    # n_tokens keeps the top genes only.
+    top2 = rank_value_tokenize(torch.from_numpy(HAND_X), torch.tensor(HAND_MEDIANS), 2)
+    assert top2.tokens.tolist() == [row[:3] for row in HAND_TOKENS]
+    assert top2.bins is None
+    # Without trimming the sequence has 1 + n_tokens positions, padded.
+    long = rank_value_tokenize(torch.from_numpy(HAND_X), torch.tensor(HAND_MEDIANS), 5, trim=False)
+    assert long.tokens.shape == (3, 6)
+    assert long.tokens[:, 4:].eq(P).all() and long.padding_mask[:, 4:].all()
+
+
+def test_tokenizer_medians_change_the_ranking():
+    # With unit medians gene 3 (8 counts) leads cell 0; its median of 4 demotes it.
+    plain = rank_value_tokenize(torch.from_numpy(HAND_X[:1]), torch.ones(5), 3)
+    assert plain.tokens.tolist() == [[C, _g(3), _g(0), _g(2)]]
+
+
+@pytest.mark.parametrize("to_matrix", [sp.csr_matrix, sp.csc_matrix, np.asarray])
+def test_tokenize_matrix_sparse_and_dense_match_minibatch_tokens(to_matrix):
+    tokens = tokenize_matrix(to_matrix(HAND_X), HAND_MEDIANS, n_tokens=10, n_bins=2)
+    assert tokens.tokens.tolist() == HAND_TOKENS
+    assert tokens.bins.tolist() == HAND_BINS
+    # Random counts, in several chunks: the sparse path gives the dense path's tokens.
+    rng = np.random.default_rng(0)
+    x = rng.poisson(0.3, size=(300, 40)).astype(np.float32)
+    x[5] = 0  # a cell without counts: CLS and padding only
+    medians = nonzero_gene_medians(x)
+    dense = rank_value_tokenize(torch.from_numpy(x), torch.tensor(medians), 16, 5)
+    chunked = tokenize_matrix(to_matrix(x), medians, 16, 5, chunk_size=64)
+    assert torch.equal(chunked.tokens, dense.tokens)
+    assert torch.equal(chunked.bins, dense.bins)
+    assert torch.equal(chunked.padding_mask, dense.padding_mask)
+    assert chunked.tokens[5].tolist() == [C] + [P] * (chunked.tokens.shape[1] - 1)
+
+
+def test_zero_genes_never_become_tokens():
+    rng = np.random.default_rng(1)
+    x = rng.poisson(0.5, size=(50, 30)).astype(np.float32)
+    tokens = rank_value_tokenize(torch.from_numpy(x), torch.ones(30), n_tokens=30)
+    for cell in range(50):
+        genes = tokens.tokens[cell][~tokens.padding_mask[cell]][1:] - N_SPECIAL_TOKENS
+        assert sorted(genes.tolist()) == np.flatnonzero(x[cell]).tolist()
+        # Sorted by decreasing scaled expression.
+        assert np.all(np.diff(x[cell, genes.numpy()]) <= 0)
+
+
+def test_nonzero_gene_medians_by_hand():
+    x = np.array([[1, 1, 0], [1, 3, 0], [2, 0, 0], [0, 0, 0]], dtype=np.float32)
+    # Rows scaled to 1e4: [5000, 5000], [2500, 7500], [10000, 0]; gene 2 never expressed.
+    expected = [5000.0, 6250.0, 1.0]
+    np.testing.assert_allclose(nonzero_gene_medians(x), expected)
+    np.testing.assert_allclose(nonzero_gene_medians(sp.csr_matrix(x), chunk_size=2), expected)
+
+
+def test_tokenizer_rejects_bad_arguments():
+    x = torch.from_numpy(HAND_X)
+    with pytest.raises(ValueError, match="n_tokens"):
+        rank_value_tokenize(x, torch.ones(5), 0)
+    with pytest.raises(ValueError, match="x must be"):
+        rank_value_tokenize(x, torch.ones(4), 3)
+
+
+# -- attention layer ----------------------------------------------------------------------------
+def _manual_head(attn: MultiHeadSelfAttention, x, padding_mask, h):
+    d, dh = attn.d_model, attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    rows = slice(h * dh, (h + 1) * dh)
+    q = x @ w[:d][rows].T + b[:d][rows]
+    k = x @ w[d : 2 * d][rows].T + b[d : 2 * d][rows]
+    v = x @ w[2 * d :][rows].T + b[2 * d :][rows]
+    scores = q @ k.transpose(1, 2) / math.sqrt(dh)
+    scores = scores.masked_fill(padding_mask[:, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def test_attention_heads_match_a_per_head_computation():
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(16, 4).eval()
+    x = torch.randn(3, 6, 16)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[1, 4:] = True
+    with torch.no_grad():
+        heads = attn.heads(x, mask)
+        for h in range(4):
+            torch.testing.assert_close(heads[:, :, h], _manual_head(attn, x, mask, h))
+
+
+def test_attention_heads_are_independent():
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    d, dh, h = 16, 4, 2
+    with torch.no_grad():
+        before = attn.heads(x, mask).clone()
+        out_before = attn(x, mask).clone()
+        # Change head h's query, key and value weights: only its slice of the output moves.
+        for part in range(3):
+            attn.qkv.weight[part * d + h * dh : part * d + (h + 1) * dh] += 0.5
+        after = attn.heads(x, mask)
+        others = [i for i in range(4) if i != h]
+        torch.testing.assert_close(after[:, :, others], before[:, :, others], rtol=0, atol=0)
+        assert not torch.allclose(after[:, :, h], before[:, :, h])
+        # Changing head h's columns of the output projection adds exactly that head's term.
+        heads = attn.heads(x, mask)
+        out = attn(x, mask)
+        delta = torch.randn(d, dh)
+        attn.out.weight[:, h * dh : (h + 1) * dh] += delta
+        torch.testing.assert_close(attn(x, mask) - out, heads[:, :, h] @ delta.T)
+    assert not torch.equal(out, out_before)
+
+
+def test_attention_rejects_heads_not_dividing_width():
+    with pytest.raises(ValueError, match="n_heads"):
+        MultiHeadSelfAttention(10, 4)
+
+
+# -- module invariances ---------------------------------------------------------------------------
+def _module(n_bins: int = 4) -> RANKFORMERModule:
+    torch.manual_seed(0)
+    module = RANKFORMERModule(
+        n_input=20, n_labels=3, n_tokens=8, n_bins=n_bins, d_model=16, n_heads=4, d_ff=32
+    )
+    # Larger embeddings than the 0.02 initialisation make attention far from uniform, so
+    # the checks below would notice a leak.
+    with torch.no_grad():
+        module.gene_embedding.weight.normal_()
+        if module.value_embedding is not None:
+            module.value_embedding.weight.normal_()
+    return module.eval()
+
+
+def _tokens() -> RankTokens:
+    tokens = torch.tensor([[C, _g(3), _g(7), _g(1), P, P], [C, _g(0), _g(4), _g(9), _g(2), _g(5)]])
+    bins = torch.tensor([[0, 4, 3, 1, 0, 0], [0, 4, 3, 2, 2, 1]])
+    return RankTokens(tokens, tokens == P, bins)
+
+
+def test_padding_does_not_change_the_cls_output():
+    module = _module()
+    tokens = _tokens()
+    with torch.no_grad():
+        reference = module.cls_embedding(tokens)
+        changed_ids = tokens.tokens.clone()
+        changed_ids[0, 4:] = torch.tensor([_g(11), _g(12)])
+        changed_bins = tokens.bins.clone()
+        changed_bins[0, 4:] = 4
+        changed = RankTokens(changed_ids, tokens.padding_mask, changed_bins)
+        torch.testing.assert_close(module.cls_embedding(changed), reference, rtol=0, atol=1e-6)
+        # Without the mask the same change does move the CLS output: the mask is what helps.
+        unmasked = RankTokens(changed_ids, torch.zeros_like(tokens.padding_mask), changed_bins)
+        assert not torch.allclose(module.cls_embedding(unmasked)[0], reference[0], atol=1e-4)
+        # Changing the embedding rows the padding uses does not matter either.
+        module.gene_embedding.weight[PAD_TOKEN] += 3.0
+        torch.testing.assert_close(module.cls_embedding(tokens), reference, rtol=0, atol=1e-6)
+
+
+def test_permuting_tokens_does_not_change_the_output():
+    module = _module()
+    tokens = _tokens()
+    with torch.no_grad():
+        reference = module.classifier(module.cls_embedding(tokens))
+        hidden = module.encode(tokens)
+        order = torch.tensor([3, 0, 5, 1, 4, 2])  # CLS moves too: no positional encoding
+        permuted = RankTokens(
+            tokens.tokens[:, order], tokens.padding_mask[:, order], tokens.bins[:, order]
+        )
+        hidden_permuted = module.encode(permuted)
+        torch.testing.assert_close(hidden_permuted[:, 1], hidden[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden_permuted, hidden[:, order], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            module.classifier(hidden_permuted[:, 1]), reference, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_mask_tokens_masks_gene_tokens_only():
+    module = _module()
+    tokens = _tokens()
+    torch.manual_seed(0)
+    masked_tokens, masked = module.mask_tokens(tokens, 0.5)
+    assert masked.any()
+    assert not masked[:, 0].any() and not (masked & tokens.padding_mask).any()
+    assert masked_tokens.tokens[masked].eq(MASK_TOKEN).all()
+    assert torch.equal(masked_tokens.tokens[~masked], tokens.tokens[~masked])
+    assert torch.equal(masked_tokens.bins, tokens.bins)
+
+
+def test_module_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="gene_medians"):
+        RANKFORMERModule(n_input=3, n_labels=2, gene_medians=np.array([1.0, 0.0, 2.0]))
+    with pytest.raises(ValueError, match="n_tokens"):
+        RANKFORMERModule(n_input=3, n_labels=2, n_tokens=0)
+
+
+# -- the model --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained():
+    adata = make_counts_adata()
+    RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = RANKFORMER(adata, **tiny_kwargs(RANKFORMER))
+    model.train(max_epochs=3, batch_size=32, enable_progress_bar=False)
+    return model, adata
+
+
+def test_presets_and_parameter_counts():
+    assert RANKFORMER.presets["base"]["d_model"] >= 256
+    assert RANKFORMER.presets["base"]["n_layers"] >= 4
+    adata = make_counts_adata(n_genes=2000, cells_per=5)
+    RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    # 2,000 genes, 4 cell types (the docs give them for 7 types: + 3 x (head width + 1)).
+    assert RANKFORMER(adata).n_parameters == 206_804
+    assert RANKFORMER(adata, preset="base").n_parameters == 3_810_772
+    with pytest.raises(ValueError, match="preset"):
+        RANKFORMER(adata, preset="huge")
+
+
+def test_gene_medians_come_from_labelled_reference_cells(trained):
+    model, adata = trained
+    labelled = (adata.obs["train_label"] != UNKNOWN).to_numpy()
+    expected = nonzero_gene_medians(adata.X[labelled])
+    np.testing.assert_allclose(model.module.gene_medians.numpy(), expected, rtol=1e-6)
+
+
+def test_reference_medians_are_saved_and_reused_for_queries(trained, tmp_path):
+    model, adata = trained
+    model.save(str(tmp_path / "m"), save_anndata=False)
+    loaded = RANKFORMER.load(str(tmp_path / "m"), adata=adata)
+    assert torch.equal(loaded.module.gene_medians, model.module.gene_medians)
+    # A query with other depths and 30 missing genes: the reference's medians and
+    # vocabulary stay; the missing genes are reported and never become tokens.
+    query = adata[adata.obs["batch"] == "b1"].copy()
+    query.X = query.X * 3
+    keep = np.r_[30 : query.n_vars]
+    query = query[:, np.random.default_rng(0).permutation(keep)].copy()
+    with pytest.warns(UserWarning, match="30 of the model's 100 genes are missing"):
+        query_model = RANKFORMER.load_query_data(query, model)
+    assert torch.equal(query_model.module.gene_medians, model.module.gene_medians)
+    tokens = query_model.tokenize()
+    genes = tokens.tokens[~tokens.padding_mask] - N_SPECIAL_TOKENS
+    assert genes[genes >= 0].min() >= 30
+    # The model's tokens of the query are those of the aligned matrix, gene ids fixed by
+    # the reference order.
+    aligned = query[:, model.registration.genes[30:]].X
+    by_hand = tokenize_matrix(
+        sp.hstack([sp.csr_matrix((query.n_obs, 30)), aligned]).tocsr(),
+        model.module.gene_medians,
+        model.module.n_tokens,
+        model.module.n_bins,
+    )
+    assert torch.equal(tokens.tokens, by_hand.tokens)
+
+
+def test_forward_tokenises_like_tokenize(trained):
+    model, adata = trained
+    loader = model._make_data_loader(adata=adata, indices=np.arange(20), batch_size=20)
+    batch = next(iter(loader))
+    in_forward = model.module.tokenize(batch)
+    whole = model.tokenize(indices=np.arange(20))
+    length = in_forward.tokens.shape[1]
+    assert torch.equal(in_forward.tokens, whole.tokens[:, :length])
+    assert whole.padding_mask[:, length:].all()
+
+
+def test_query_freeze_rule_keeps_embeddings_and_attention(trained):
+    model, adata = trained
+    query = adata[adata.obs["batch"] == "b1"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        query_model = RANKFORMER.load_query_data(query, model)
+    trainable = {n for n, p in query_model.module.named_parameters() if p.requires_grad}
+    assert trainable == set(query_model.module.query_trainable_parameters())
+    assert "gene_embedding.weight" not in trainable
+    assert not any(".qkv." in n or ".out." in n for n in trainable)
+    assert any("norm" in n for n in trainable)
+
+
+def test_pretrain_then_train():
+    adata = make_counts_adata()
+    RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = RANKFORMER(adata, **tiny_kwargs(RANKFORMER))
+    head = {k: v.clone() for k, v in model.module.classifier.state_dict().items()}
+    embedding = model.module.gene_embedding.weight.detach().clone()
+    model.pretrain(max_epochs=4, batch_size=32, enable_progress_bar=False)
+    history = model.pretrain_history_
+    assert "train_masked_gene_loss" in history and "validation_loss" in history
+    losses = history["train_masked_gene_loss"].to_numpy().ravel()
+    assert losses[-1] < losses[0]
+    assert not model.is_trained_
+    # Pretraining moves the encoder, not the cell-type head.
+    assert not torch.equal(model.module.gene_embedding.weight, embedding)
+    for key, value in model.module.classifier.state_dict().items():
+        assert torch.equal(value, head[key]), key
+    model.train(max_epochs=5, batch_size=32, lr=3e-3, enable_progress_bar=False)
+    assert model.is_trained_ and "validation_accuracy" in model.history
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    labelled = (adata.obs["train_label"] != UNKNOWN).to_numpy()
+    assert (model.predict()[labelled] == truth[labelled]).mean() > 0.8
+
+
+def test_value_bins_and_supervised_only_training():
+    adata = make_counts_adata()
+    RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = RANKFORMER(adata, **{**tiny_kwargs(RANKFORMER), "n_bins": 5})
+    assert model.module.value_embedding is not None
+    model.train(max_epochs=3, batch_size=32, mlm_weight=0.0, enable_progress_bar=False)
+    assert model.tokenize(indices=[0]).bins.max() <= 5
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    labelled = (adata.obs["train_label"] != UNKNOWN).to_numpy()
+    assert (model.predict()[labelled] == truth[labelled]).mean() > 0.8
+    # Without the masked-gene loss no masked-gene accuracy is learnt (it stays 0).
+    assert model.history["train_masked_gene_loss"].to_numpy().max() == 0.0
