@@ -296,7 +296,6 @@ def _finite(value) -> bool:
     return value is not None and math.isfinite(value)
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_quick_run_computes_every_metric(shared_data_dir, tmp_path):
     """``python -m benchmarks run --quick``: every method, task and metric is present."""
