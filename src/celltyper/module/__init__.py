@@ -1,6 +1,6 @@
 """Torch modules (scvi-tools ``BaseModuleClass`` subclasses), one per method."""
 
-from ._base import CellTyperModule, LogExpressionClassifier
+from ._base import CellTyperModule, ClassifierModule, LogExpressionClassifier
 from ._cellular import CELLULARModule
 from ._rankformer import RANKFORMERModule
 from ._scatlasvae import SCATLASVAEModule
@@ -10,6 +10,7 @@ from ._scpretrain import PseudoLabelHeads, SCPRETRAINModule
 __all__ = [
     "CELLULARModule",
     "CellTyperModule",
+    "ClassifierModule",
     "LogExpressionClassifier",
     "PseudoLabelHeads",
     "RANKFORMERModule",

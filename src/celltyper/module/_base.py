@@ -64,7 +64,29 @@ class CellTyperModule(BaseModuleClass):
         return sorted(trainable)
 
 
-class LogExpressionClassifier(CellTyperModule):
+class ClassifierModule(CellTyperModule):
+    """A module whose scvi-tools forward pass is encoder -> embedding -> classifier.
+
+    Subclasses implement ``_get_inference_input`` and ``inference`` (returning ``z`` and
+    ``logits``); the generative step is empty and the loss is the cross-entropy on the
+    labelled cells of the minibatch, which is also the validation criterion.
+    """
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict:
+        return {}
+
+    def generative(self) -> dict:
+        return {}
+
+    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
+        """Cross-entropy on the labelled cells of the minibatch (the validation criterion)."""
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+        labelled = labels < self.n_labels
+        loss = labelled_cross_entropy(inference_outputs["logits"], labels, labelled)
+        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))
+
+
+class LogExpressionClassifier(ClassifierModule):
     """A classifier on log-normalised expression: ``encoder`` -> embedding -> ``classifier``.
 
     Subclasses build ``self.encoder`` and ``self.classifier`` (torch modules), set
@@ -105,21 +127,7 @@ class LogExpressionClassifier(CellTyperModule):
     def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"x_log": self.log_expression(tensors)}
 
-    def _get_generative_input(self, tensors, inference_outputs) -> dict:
-        return {}
-
     @auto_move_data
     def inference(self, x_log: Tensor) -> dict[str, Tensor]:
         z = self.encoder(x_log)
         return {"z": z, "logits": self.classifier(z)}
-
-    def generative(self) -> dict:
-        return {}
-
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy on the labelled cells of the minibatch (the validation criterion)."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
-        logits = inference_outputs["logits"]
-        labelled = labels < self.n_labels
-        loss = labelled_cross_entropy(logits, labels, labelled)
-        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))

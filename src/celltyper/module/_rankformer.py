@@ -7,8 +7,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scvi import REGISTRY_KEYS
-from scvi.module.base import LossOutput, auto_move_data
+from scvi.module.base import auto_move_data
 from torch import Tensor, nn
 
 from celltyper.data import (
@@ -18,12 +17,12 @@ from celltyper.data import (
     RankTokens,
     rank_value_tokenize,
 )
-from celltyper.nn import TransformerEncoder, labelled_cross_entropy
+from celltyper.nn import TransformerEncoder
 
-from ._base import CellTyperModule
+from ._base import ClassifierModule
 
 
-class RANKFORMERModule(CellTyperModule):
+class RANKFORMERModule(ClassifierModule):
     """Gene (+ value) embedding -> pre-LN transformer -> CLS -> MLP head.
 
     Raw counts come in; each minibatch is tokenised here (rank-value encoding with the
@@ -173,21 +172,7 @@ class RANKFORMERModule(CellTyperModule):
     def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict:
         return {"tokens": self.tokenize(tensors)}
 
-    def _get_generative_input(self, tensors, inference_outputs) -> dict:
-        return {}
-
     @auto_move_data
     def inference(self, tokens: RankTokens) -> dict[str, Tensor]:
         z = self.cls_embedding(tokens)
         return {"z": z, "logits": self.classifier(z)}
-
-    def generative(self) -> dict:
-        return {}
-
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy on the labelled cells of the minibatch."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
-        logits = inference_outputs["logits"]
-        labelled = labels < self.n_labels
-        loss = labelled_cross_entropy(logits, labels, labelled)
-        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))
