@@ -505,16 +505,22 @@ def test_setup_rejects_bad_input_and_leaves_adata_unchanged(model_cls, raw_data,
     assert_unchanged(adata, before)
 
 
-def test_classifier_setup_requires_labels_key(model_cls, raw_data):
-    if not model_cls._requires_labels:
-        pytest.skip(
-            f"{model_cls.__name__} trains without labels; only classifiers need labels_key"
-        )
+def test_setup_without_labels_key(model_cls, raw_data):
+    """Classifiers refuse a setup without labels; label-free models (an unsupervised atlas)
+    accept it, train, embed, and refuse to predict with an error that names labels_key."""
     adata = raw_data.copy()
     before = snapshot(adata)
+    if model_cls._requires_labels:
+        with pytest.raises(ValueError, match="labels_key"):
+            model_cls.setup_anndata(adata, batch_key="batch")
+        assert_unchanged(adata, before)
+        return
+    model_cls.setup_anndata(adata, batch_key="batch")
+    model = model_cls(adata, **tiny_kwargs(model_cls))
+    model.train(**train_kwargs(model_cls))
+    assert np.isfinite(model.get_latent_representation()).all()
     with pytest.raises(ValueError, match="labels_key"):
-        model_cls.setup_anndata(adata, batch_key="batch")
-    assert_unchanged(adata, before)
+        model.predict()
 
 
 def test_setup_rejects_empty_adata(model_cls, raw_data):
