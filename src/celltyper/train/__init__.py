@@ -1,6 +1,6 @@
 """Training plans for celltyper's modules."""
 
-from ._base import ClassifierTrainingPlan, make_optimizer
+from ._base import ClassifierTrainingPlan, ModulePlan, make_optimizer
 from ._callbacks import RestoreBestWeights
 from ._contrastive import (
     ClassifierHeadTrainingPlan,
@@ -19,6 +19,7 @@ __all__ = [
     "ContrastiveTrainingPlan",
     "FineTuningTrainingPlan",
     "MixMatchTrainingPlan",
+    "ModulePlan",
     "PseudoLabelDataModule",
     "PseudoLabelTrainingPlan",
     "RankformerTrainingPlan",

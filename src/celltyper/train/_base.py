@@ -46,11 +46,8 @@ def merge_minibatches(batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> dic
     return {key: torch.cat([part[key] for part in batch]) for key in batch[0]}
 
 
-class ClassifierTrainingPlan(pl.LightningModule):
-    """Optimizer set-up and labelled-cell validation shared by the classifier plans.
-
-    Validation logs ``validation_loss`` (cross-entropy) and ``validation_accuracy`` on the
-    labelled cells of the validation set; early stopping monitors ``validation_loss``.
+class ModulePlan(pl.LightningModule):
+    """Optimizer set-up and train mode shared by every celltyper training plan.
 
     Parameters
     ----------
@@ -76,9 +73,10 @@ class ClassifierTrainingPlan(pl.LightningModule):
         self.optimizer_name = optimizer
         self.lr = lr
         self.weight_decay = weight_decay
-        # Set by scvi's TrainRunner; kept so the plan behaves like scvi's own plans.
-        self.n_obs_training: int | None = None
-        self.n_obs_validation: int | None = None
+
+    def trainable_parameters(self):
+        """The parameters the optimizer updates (all of the module's by default)."""
+        return self.module.parameters()
 
     def on_train_epoch_start(self) -> None:
         # scvi's TrainRunner and ArchesMixin leave the module in eval mode after a fit, and
@@ -88,8 +86,29 @@ class ClassifierTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         return make_optimizer(
-            self.module.parameters(), self.optimizer_name, self.lr, self.weight_decay
+            self.trainable_parameters(), self.optimizer_name, self.lr, self.weight_decay
         )
+
+
+class ClassifierTrainingPlan(ModulePlan):
+    """Labelled-cell validation shared by the classifier plans.
+
+    Validation logs ``validation_loss`` (cross-entropy) and ``validation_accuracy`` on the
+    labelled cells of the validation set; early stopping monitors ``validation_loss``.
+    Parameters are those of :class:`ModulePlan`.
+    """
+
+    def __init__(
+        self,
+        module: CellTyperModule,
+        optimizer: OptimizerName = "Adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(module, optimizer, lr, weight_decay)
+        # Set by scvi's TrainRunner; kept so the plan behaves like scvi's own plans.
+        self.n_obs_training: int | None = None
+        self.n_obs_validation: int | None = None
 
     def epoch_progress(self, batch_idx: int) -> float:
         """Current epoch as a float, so ramps move smoothly within an epoch."""

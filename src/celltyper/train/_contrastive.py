@@ -16,7 +16,7 @@ from celltyper.nn import (
     supervised_soft_nn_loss,
 )
 
-from ._base import ClassifierTrainingPlan, OptimizerName, make_optimizer, merge_minibatches
+from ._base import ClassifierTrainingPlan, OptimizerName, merge_minibatches
 
 
 def warmup_cosine_factor(epoch: int, max_epochs: int, warmup_epochs: int) -> float:
@@ -88,10 +88,12 @@ class ContrastiveTrainingPlan(ClassifierTrainingPlan):
         self.batch_temperature = batch_temperature
         self.warmup_epochs = warmup_epochs
 
-    def configure_optimizers(self):
+    def trainable_parameters(self):
         module: CELLULARModule = self.module
-        parameters = [*module.encoder.parameters(), module.raw_temperature]
-        optimizer = make_optimizer(parameters, self.optimizer_name, self.lr, self.weight_decay)
+        return [*module.encoder.parameters(), module.raw_temperature]
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
         max_epochs = self.trainer.max_epochs if self.trainer is not None else 1
         # A short run must not spend most of its epochs warming up.
         warmup = min(self.warmup_epochs, max_epochs // 2)
@@ -185,10 +187,8 @@ class ClassifierHeadTrainingPlan(ClassifierTrainingPlan):
         super().on_train_epoch_start()
         self.module.encoder.eval()
 
-    def configure_optimizers(self):
-        return make_optimizer(
-            self.module.classifier.parameters(), self.optimizer_name, self.lr, self.weight_decay
-        )
+    def trainable_parameters(self):
+        return self.module.classifier.parameters()
 
     def training_step(self, batch, batch_idx: int):
         batch = merge_minibatches(batch)

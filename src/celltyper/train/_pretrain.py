@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from celltyper.module import PseudoLabelHeads, SCPRETRAINModule
 from celltyper.nn import labelled_cross_entropy
 
-from ._base import ClassifierTrainingPlan, OptimizerName, make_optimizer, merge_minibatches
+from ._base import ClassifierTrainingPlan, ModulePlan, OptimizerName, merge_minibatches
 
 DATASET_KEY = "dataset"
 PSEUDO_LABELS_KEY = "pseudo_labels"
@@ -83,7 +83,7 @@ class PseudoLabelDataModule(pl.LightningDataModule):
         )
 
 
-class PseudoLabelTrainingPlan(pl.LightningModule):
+class PseudoLabelTrainingPlan(ModulePlan):
     """Pretraining: the encoder and the heads learn every cell's K-means pseudo-labels.
 
     The loss is, averaged over the cells of a minibatch, the sum of each cell's
@@ -110,20 +110,15 @@ class PseudoLabelTrainingPlan(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ):
-        super().__init__()
-        self.module = module
+        super().__init__(module, optimizer, lr, weight_decay)
         self.heads = heads
-        self.optimizer_name = optimizer
-        self.lr = lr
-        self.weight_decay = weight_decay
+
+    def trainable_parameters(self):
+        return [*self.module.encoder.parameters(), *self.heads.parameters()]
 
     def on_train_epoch_start(self) -> None:
-        self.module.train()
+        super().on_train_epoch_start()
         self.heads.train()
-
-    def configure_optimizers(self):
-        parameters = [*self.module.encoder.parameters(), *self.heads.parameters()]
-        return make_optimizer(parameters, self.optimizer_name, self.lr, self.weight_decay)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int):
         module: SCPRETRAINModule = self.module
@@ -200,10 +195,9 @@ class FineTuningTrainingPlan(ClassifierTrainingPlan):
         self.log("validation_score", score, on_epoch=True, batch_size=n)
         return loss
 
-    def configure_optimizers(self):
+    def trainable_parameters(self):
         module: SCPRETRAINModule = self.module
-        parameters = module.classifier.parameters() if self.freeze_encoder else module.parameters()
-        return make_optimizer(parameters, self.optimizer_name, self.lr, self.weight_decay)
+        return module.classifier.parameters() if self.freeze_encoder else module.parameters()
 
     def training_step(self, batch, batch_idx: int):
         batch = merge_minibatches(batch)

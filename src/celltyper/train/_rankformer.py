@@ -9,7 +9,7 @@ from torch import Tensor
 
 from celltyper.module import RANKFORMERModule
 
-from ._base import ClassifierTrainingPlan, OptimizerName, make_optimizer, merge_minibatches
+from ._base import ClassifierTrainingPlan, OptimizerName, merge_minibatches
 from ._contrastive import warmup_cosine_factor
 
 
@@ -82,9 +82,7 @@ class RankformerTrainingPlan(ClassifierTrainingPlan):
         return self.classification_weight <= 0
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(
-            self.module.parameters(), self.optimizer_name, self.lr, self.weight_decay
-        )
+        optimizer = super().configure_optimizers()
         total = 1
         if self.trainer is not None:
             total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -9,7 +9,7 @@ from torch import Tensor
 from celltyper.data import LabelledUnlabelledSplitter
 from celltyper.module import SCATLASVAEModule
 
-from ._base import ClassifierTrainingPlan, OptimizerName, make_optimizer, merge_minibatches
+from ._base import ClassifierTrainingPlan, OptimizerName, merge_minibatches
 
 
 class AllCellsSplitter(LabelledUnlabelledSplitter):
@@ -87,9 +87,7 @@ class SCATLASVAETrainingPlan(ClassifierTrainingPlan):
         return 1.0 if epoch >= self.prediction_start_epoch else 0.0
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(
-            self.module.parameters(), self.optimizer_name, self.lr, self.weight_decay
-        )
+        optimizer = super().configure_optimizers()
         if self.weight_decay > 0:
             tables = {id(t.weight) for t in self.module.covariate_tables()}
             group = optimizer.param_groups[0]
