@@ -62,14 +62,20 @@ def _parser() -> argparse.ArgumentParser:
         "--method-timeout", type=float, default=None, help="seconds per method process"
     )
     run.add_argument(
-        "--jobs", type=int, default=1, help="methods run side by side (with --isolate)"
-    )
+        "--jobs", type=int, default=None,
+        help="methods run side by side (with --isolate); default: CPU cores / --threads",
+    )  # fmt: skip
     run.add_argument("--keep-work", action="store_true", help="keep prepared data and latents")
     again = commands.add_parser("report", help="write the results of an interrupted run")
     again.add_argument("out", type=Path, help="the run's results folder")
     worker = commands.add_parser("worker", help="internal: run one method's units")
     worker.add_argument("job", type=Path)
     return parser
+
+
+def default_jobs(threads: int) -> int:
+    """As many methods side by side as the machine has cores for (``threads`` each)."""
+    return max(1, (os.cpu_count() or 1) // max(threads, 1))
 
 
 def select_methods(names: list[str] | None) -> list:
@@ -96,6 +102,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (QUICK_SEEDS if args.quick else FULL_SEEDS)
     isolate = (not args.quick) if args.isolate is None else args.isolate
+    jobs = args.jobs or default_jobs(args.threads)
     started = datetime.now(UTC)
     name = args.name or started.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     out = args.out or RESULTS_DIR / name
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "seeds": seeds,
             "tasks": args.tasks,
             "threads": args.threads,
-            "jobs": args.jobs,
+            "jobs": jobs,
             "isolate": isolate,
             "cpu_count": os.cpu_count(),
             "data_dir": str(args.data_dir),
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     start = time.perf_counter()
     rows = run_benchmark(
         specs, methods, args.tasks, seeds, args.data_dir, out, args.quick, isolate,
-        threads=args.threads, method_timeout=args.method_timeout, jobs=args.jobs,
+        threads=args.threads, method_timeout=args.method_timeout, jobs=jobs,
         log=lambda msg: print(msg, flush=True),
     )  # fmt: skip
     result["elapsed_s"] = time.perf_counter() - start

@@ -110,13 +110,14 @@ def plan_units(
 
 # -- one unit ---------------------------------------------------------------------------
 def unit_data(unit: Unit, adata: ad.AnnData, options: dict, quick: bool) -> ad.AnnData:
-    """The AnnData a unit trains on (a withheld type or a fraction of the labels)."""
-    if unit.task not in ("novelty", "label_efficiency"):
-        return adata
+    """The AnnData a unit trains on: the task's subset of unscored query cells, then a
+    withheld type (novelty) or a fraction of the labels (label efficiency)."""
     max_query = options.get("max_unlabelled_query")
     if max_query is not None and not quick:
         # Seed 0 for every seed and method: all of them see the same cells.
         adata = subsample_unlabelled_query(adata, int(max_query), seed=0)
+    if unit.task not in ("novelty", "label_efficiency"):
+        return adata
     labels = adata.obs["train_label"].to_numpy()
     if unit.task == "novelty":
         withheld = adata.obs["is_reference"].to_numpy() & (labels == unit.variant)
@@ -170,10 +171,14 @@ def evaluate(unit: Unit, fitted, data: ad.AnnData) -> tuple[dict, np.ndarray | N
     return row, None
 
 
-def run_unit(method, unit: Unit, data: ad.AnnData, batch_key: str, quick: bool) -> tuple:
+def run_unit(
+    method, unit: Unit, data: ad.AnnData, batch_key: str, quick: bool, shared: dict | None = None
+) -> tuple:
+    """Train and score one method on one unit; ``shared`` is the unit's cache of work
+    that methods of one process reuse (see :attr:`~benchmarks._methods.Method.process`)."""
     from ._methods import FitInput
 
-    inp = FitInput(data, batch_key, unit.seed, quick)
+    inp = FitInput(data, batch_key, unit.seed, quick, shared={} if shared is None else shared)
     with PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()
         fitted = method.fit(inp)
@@ -181,9 +186,12 @@ def run_unit(method, unit: Unit, data: ad.AnnData, batch_key: str, quick: bool) 
         # CPU seconds of all threads: less sensitive than wall time to a busy machine.
         train_cpu_seconds = time.process_time() - cpu_start
         row, latent = evaluate(unit, fitted, data)
+    # Work reused from another method of the same unit counts as this method's too.
+    reused = getattr(fitted, "reused_seconds", (0.0, 0.0))
     row.update(
-        train_seconds=train_seconds,
-        train_cpu_seconds=train_cpu_seconds,
+        train_seconds=train_seconds + reused[0],
+        train_cpu_seconds=train_cpu_seconds + reused[1],
+        reused_train_seconds=reused[0],
         peak_rss_mb=rss.peak_mb,
         n_cells=int(data.n_obs),
         n_labelled=int((data.obs["train_label"] != UNLABELLED).sum()),
@@ -191,7 +199,7 @@ def run_unit(method, unit: Unit, data: ad.AnnData, batch_key: str, quick: bool) 
     return row, latent
 
 
-# -- a worker: all units of one method ----------------------------------------------------
+# -- a worker: all units of one process's methods ------------------------------------------
 def set_threads(threads: int) -> None:
     """Torch threads, if torch is loaded (a subprocess gets OMP_NUM_THREADS instead, so
     that methods without torch do not pay for importing it)."""
@@ -199,10 +207,21 @@ def set_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-def run_method_units(job: dict, method=None) -> None:
-    """Run every unit of ``job["method"]``; rows go to ``job["rows_file"]`` as JSON lines.
+def _preload(method) -> str:
+    """Import the method's library before any clock starts; the reason it cannot, or ''."""
+    try:
+        if method.preload is not None:
+            method.preload()
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return ""
 
-    ``method`` (a :class:`~benchmarks._methods.Method`) is looked up by name when omitted.
+
+def run_method_units(job: dict, methods: list | None = None) -> None:
+    """Run every unit of the methods ``job["methods"]``, unit by unit (all methods of a
+    unit in turn, sharing its cache); rows go to ``job["rows_file"]`` as JSON lines.
+
+    ``methods`` (:class:`~benchmarks._methods.Method`) are looked up by name when omitted.
     """
     import warnings
 
@@ -212,50 +231,50 @@ def run_method_units(job: dict, method=None) -> None:
     set_threads(job["threads"])
     from threadpoolctl import threadpool_limits
 
-    method = method or all_methods()[job["method"]]
+    if methods is None:
+        available = all_methods()
+        methods = [available[name] for name in job["methods"]]
+    unavailable = {m.name: _preload(m) for m in methods}
     cache: dict[str, ad.AnnData] = {}
-    rows_file = Path(job["rows_file"])
-    unavailable = ""
-    try:
-        if method.preload is not None:
-            method.preload()
-    except ImportError as err:
-        unavailable = f"{type(err).__name__}: {err}"
     with threadpool_limits(job["threads"]):
         for raw_unit in job["units"]:
             unit = Unit(**raw_unit)
             dataset = job["datasets"][unit.dataset]
             if unit.dataset not in cache:
                 cache[unit.dataset] = ad.read_h5ad(dataset["file"])
-            base = {
-                "method": method.name,
-                "family": method.family,
-                **asdict(unit),
-            }
-            if unavailable:
-                base.update(status="not available", error=unavailable)
-                with open(rows_file, "a") as handle:
-                    handle.write(json.dumps(base) + "\n")
-                continue
-            try:
-                options = dataset.get(unit.task, {})
-                data = unit_data(unit, cache[unit.dataset], options, job["quick"])
-                row, latent = run_unit(method, unit, data, dataset["batch_key"], job["quick"])
-                if latent is not None:
-                    name = f"{unit.dataset}__{method.name}__{unit.seed}.npy"
-                    path = Path(job["latent_dir"]) / name
-                    np.save(path, latent)
-                    row["latent_file"] = str(path)
-                base.update(status="ok", **row)
-            except ImportError as err:
-                base.update(status="not available", error=f"{type(err).__name__}: {err}")
-            except Exception as err:  # one failing unit must not stop the others
-                traceback.print_exc()
-                base.update(status="error", error=f"{type(err).__name__}: {err}"[:500])
-            with open(rows_file, "a") as handle:
-                handle.write(json.dumps(base, default=float) + "\n")
-            shown = base.get("error") or _brief(base)
-            print(f"[{method.name}] {unit.key}: {base['status']} {shown}", flush=True)
+            shared: dict = {}
+            for method in methods:
+                if method.runs(unit.task):
+                    row = _unit_row(
+                        method, unit, dataset, cache, job, unavailable[method.name], shared
+                    )
+                    with open(job["rows_file"], "a") as handle:
+                        handle.write(json.dumps(row, default=float) + "\n")
+
+
+def _unit_row(method, unit: Unit, dataset: dict, cache: dict, job: dict, unavailable: str,
+              shared: dict) -> dict:  # fmt: skip
+    """One unit of one method as a result row; failures become error rows."""
+    base = {"method": method.name, "family": method.family, **asdict(unit)}
+    if unavailable:
+        return {**base, "status": "not available", "error": unavailable}
+    try:
+        options = dataset.get(unit.task, {})
+        data = unit_data(unit, cache[unit.dataset], options, job["quick"])
+        row, latent = run_unit(method, unit, data, dataset["batch_key"], job["quick"], shared)
+        if latent is not None:
+            path = Path(job["latent_dir"]) / f"{unit.dataset}__{method.name}__{unit.seed}.npy"
+            np.save(path, latent)
+            row["latent_file"] = str(path)
+        base.update(status="ok", **row)
+    except ImportError as err:
+        base.update(status="not available", error=f"{type(err).__name__}: {err}")
+    except Exception as err:  # one failing unit must not stop the others
+        traceback.print_exc()
+        base.update(status="error", error=f"{type(err).__name__}: {err}"[:500])
+    shown = base.get("error") or _brief(base)
+    print(f"[{method.name}] {unit.key}: {base['status']} {shown}", flush=True)
+    return base
 
 
 def _brief(row: dict) -> str:
@@ -267,12 +286,13 @@ def worker_main(job_path: Path) -> None:
     run_method_units(json.loads(Path(job_path).read_text()))
 
 
-def launch(job: dict, method, isolate: bool, timeout: float | None, work: Path) -> str:
-    """Run one method's units, in a subprocess when ``isolate``; returns an error or ''."""
-    job_path, log = work / "jobs" / f"{method.name}.json", work / "logs" / f"{method.name}.log"
+def launch(job: dict, methods: list, isolate: bool, timeout: float | None, work: Path) -> str:
+    """Run the methods' units, in a subprocess when ``isolate``; returns an error or ''."""
+    name = job["name"]
+    job_path, log = work / "jobs" / f"{name}.json", work / "logs" / f"{name}.log"
     job_path.write_text(json.dumps(job, indent=1))
     if not isolate:
-        run_method_units(job, method)
+        run_method_units(job, methods)
         return ""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -341,34 +361,64 @@ def run_benchmark(
     units = plan_units(specs, prepared, tasks, seeds, quick)
     settings = {"quick": quick, "threads": threads, "isolate": isolate, "timeout": method_timeout}
 
-    def one(method) -> list[dict]:
-        return _run_method(method, units, datasets, work, settings, log)
+    groups = process_groups(methods)
+
+    def one(group: list) -> list[dict]:
+        return _run_group(group, units, datasets, work, settings, log)
 
     if isolate and jobs > 1:
-        # Methods run side by side, each in its own process with ``threads`` threads.
+        # Processes run side by side, each with ``threads`` threads; the cheap ones go
+        # last, so that they fill the gaps instead of leaving a long process to finish
+        # alone.
+        order = sorted(range(len(groups)), key=lambda i: all(m.cheap for m in groups[i]))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            per_method = list(pool.map(one, methods))
+            futures = {i: pool.submit(one, groups[i]) for i in order}
+            per_group = [futures[i].result() for i in range(len(groups))]
     else:
-        per_method = [one(method) for method in methods]
-    rows = [row for method_rows in per_method for row in method_rows]
+        per_group = [one(group) for group in groups]
+    by_method = {m.name: [] for m in methods}
+    for group_rows in per_group:
+        for row in group_rows:
+            by_method[row["method"]].append(row)
+    # Rows in the order the methods were given.
+    rows = [row for name in by_method for row in by_method[name]]
     score_integration(rows, specs, prepared, threads, log)
     return rows
 
 
-def _run_method(method, units, datasets, work: Path, settings: dict, log) -> list[dict]:
-    """All units of one method; units that produced no row become error rows."""
-    mine = [u for u in units if method.runs(u.task)]
-    base = {"method": method.name, "family": method.family}
-    reason = method.unavailable() if mine else None
-    if reason:
-        log(f"{method.name}: not available: {reason}")
-        return [{**base, **asdict(u), "status": "not available", "error": reason} for u in mine]
-    if not mine:
-        return []
-    rows_file = work / "rows" / f"{method.name}.jsonl"
+def process_groups(methods: list) -> list[list]:
+    """The methods split into worker processes: one each, except that methods naming the
+    same :attr:`~benchmarks._methods.Method.process` share one (in the given order)."""
+    groups: dict[str, list] = {}
+    for method in methods:
+        groups.setdefault(method.process or method.name, []).append(method)
+    return list(groups.values())
+
+
+def _run_group(methods: list, units, datasets, work: Path, settings: dict, log) -> list[dict]:
+    """All units of a group of methods; units that produced no row become error rows."""
+    rows: list[dict] = []
+    runnable = []
+    for method in methods:
+        mine = [u for u in units if method.runs(u.task)]
+        reason = method.unavailable() if mine else None
+        if reason:
+            log(f"{method.name}: not available: {reason}")
+            base = {"method": method.name, "family": method.family}
+            rows += [
+                {**base, **asdict(u), "status": "not available", "error": reason} for u in mine
+            ]
+        elif mine:
+            runnable.append(method)
+    if not runnable:
+        return rows
+    name = "+".join(m.name for m in runnable)
+    mine = [u for u in units if any(m.runs(u.task) for m in runnable)]
+    rows_file = work / "rows" / f"{name}.jsonl"
     rows_file.unlink(missing_ok=True)
     job = {
-        "method": method.name,
+        "name": name,
+        "methods": [m.name for m in runnable],
         "units": [asdict(u) for u in mine],
         "datasets": datasets,
         "quick": settings["quick"],
@@ -378,21 +428,25 @@ def _run_method(method, units, datasets, work: Path, settings: dict, log) -> lis
     }
     start = time.perf_counter()
     isolate = settings["isolate"]
-    log(f"{method.name}: {len(mine)} units{' in a subprocess' if isolate else ''}")
-    failure = launch(job, method, isolate, settings["timeout"], work)
+    log(f"{name}: {len(mine)} units{' in a subprocess' if isolate else ''}")
+    failure = launch(job, runnable, isolate, settings["timeout"], work)
     done = read_rows(rows_file)
-    finished = {Unit(r["task"], r["dataset"], r["seed"], r["variant"]).key for r in done}
-    done += [
-        {**base, **asdict(u), "status": "error", "error": failure or "no result"}
-        for u in mine
-        if u.key not in finished
-    ]
+    finished = {
+        (r["method"], Unit(r["task"], r["dataset"], r["seed"], r["variant"]).key) for r in done
+    }
+    for method in runnable:
+        base = {"method": method.name, "family": method.family}
+        done += [
+            {**base, **asdict(u), "status": "error", "error": failure or "no result"}
+            for u in mine
+            if method.runs(u.task) and (method.name, u.key) not in finished
+        ]
     n_ok = sum(r["status"] == "ok" for r in done)
     log(
-        f"{method.name}: {n_ok}/{len(done)} units ok in {time.perf_counter() - start:.0f} s"
+        f"{name}: {n_ok}/{len(done)} units ok in {time.perf_counter() - start:.0f} s"
         + (f" ({failure})" if failure else "")
     )
-    return done
+    return rows + done
 
 
 def score_integration(rows, specs, prepared, threads, log) -> None:

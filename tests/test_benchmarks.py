@@ -282,6 +282,44 @@ def test_run_records_failures_and_writes_every_output(synthetic_spec, tmp_path):
     assert not (out / "_work").exists()
 
 
+def _sharing_fit(inp: FitInput):
+    """Trains the unit's LR once (the first method of the process), then reuses it."""
+    from benchmarks._methods import fit_logistic_regression
+
+    if "lr" in inp.shared:
+        fitted, seconds = inp.shared["lr"]
+        fitted = type(fitted)(fitted.classifier, fitted.features)
+        fitted.reused_seconds = (seconds, seconds)
+        return fitted
+    fitted = fit_logistic_regression(inp)
+    inp.shared["lr"] = (fitted, 7.0)
+    return fitted
+
+
+def test_methods_of_one_process_share_a_unit_s_work(synthetic_spec, tmp_path):
+    from benchmarks._runner import process_groups
+
+    first = Method("FIRST", "peer", _sharing_fit, embeds=False, process="shared")
+    alone = Method("ALONE", "peer", _sharing_fit, embeds=False)
+    second = Method("SECOND", "peer", _sharing_fit, embeds=False, process="shared")
+    assert process_groups([first, alone, second]) == [[first, second], [alone]]
+    rows = run_benchmark(
+        [synthetic_spec], [first, alone, second], ["transfer"], [0, 1],
+        synthetic_spec.path.parent, tmp_path / "run", quick=False, isolate=False,
+        log=lambda _: None,
+    )  # fmt: skip
+    # Rows keep the order the methods were given, whatever process ran them.
+    assert [r["method"] for r in rows] == ["FIRST"] * 2 + ["ALONE"] * 2 + ["SECOND"] * 2
+    by = {(r["method"], r["seed"]): r for r in rows}
+    for seed in (0, 1):
+        assert by["FIRST", seed]["reused_train_seconds"] == 0.0
+        assert by["ALONE", seed]["reused_train_seconds"] == 0.0
+        # SECOND reused FIRST's model of the same unit, and pays for its training.
+        assert by["SECOND", seed]["reused_train_seconds"] == 7.0
+        assert by["SECOND", seed]["train_seconds"] >= 7.0
+        assert by["SECOND", seed]["accuracy"] == by["FIRST", seed]["accuracy"]
+
+
 def test_every_celltyper_model_is_a_method():
     import celltyper.model
 
@@ -324,6 +362,8 @@ def test_quick_run_computes_every_metric(shared_data_dir, tmp_path):
         if m.runs(t)
     }
     assert {(r["method"], r["task"]) for r in rows} == expected
+    # scANVI starts from the scVI model the scVI row trained on the same unit.
+    assert all(r["reused_train_seconds"] > 0 for r in rows if r["method"] == "scANVI")
     transfer_datasets = {r["dataset"] for r in rows if r["task"] == "transfer"}
     assert transfer_datasets == {"kang_ctrl_to_stim", "cellbench_10x_to_celseq_dropseq"}
     report = (out / "results.md").read_text()
