@@ -111,9 +111,10 @@ class Method:
     requirement: str | None = None  # module that must be importable
     #: Imports done before the clock starts, so that no unit's time includes them.
     preload: Callable[[], object] | None = None
-    #: Seconds rather than minutes for a whole run: scheduled last when methods run
-    #: side by side.
-    cheap: bool = False
+    #: Rough cost of a whole run relative to a typical celltyper model (0: seconds). When
+    #: methods run side by side, the costliest processes start first, so that no long
+    #: one is left to finish alone.
+    cost_hint: float = 1.0
     #: Methods naming the same process run in one worker, unit by unit, and may reuse
     #: each other's work on a unit through :attr:`FitInput.shared`.
     process: str | None = None
@@ -478,6 +479,7 @@ PEERS: list[Method] = [
         note="logistic regression on the scVI latent mean",
         preload=_import_scvi,
         process="scvi-tools",
+        cost_hint=2.0,  # scVI on every unit, for 100 epochs
     ),
     Method(
         "scANVI",
@@ -486,6 +488,7 @@ PEERS: list[Method] = [
         note="scVI 100 epochs (shared with the scVI row; its time included), then 20 epochs",
         preload=_import_scvi,
         process="scvi-tools",
+        cost_hint=0.5,
     ),
     Method(
         "CellTypist",
@@ -494,7 +497,7 @@ PEERS: list[Method] = [
         embeds=False,
         requirement="celltypist",
         preload=_import_celltypist,
-        cheap=True,
+        cost_hint=0.0,
     ),
     Method(
         "scPoli",
@@ -505,10 +508,15 @@ PEERS: list[Method] = [
         note="scArches 0.6.1 through benchmarks/_shims.py; 50 epochs (40 pretraining)",
     ),
     Method(
-        "LR", "peer", fit_logistic_regression, embeds=False, note="log1p CP10k genes", cheap=True
+        "LR",
+        "peer",
+        fit_logistic_regression,
+        embeds=False,
+        note="log1p CP10k genes",
+        cost_hint=0.0,
     ),
-    Method("kNN", "peer", fit_knn, embeds=False, note="15 neighbours on 50 PCs", cheap=True),
-    Method("PCA", "peer", fit_pca, classifies=False, note="integration baseline", cheap=True),
+    Method("kNN", "peer", fit_knn, embeds=False, note="15 neighbours on 50 PCs", cost_hint=0.0),
+    Method("PCA", "peer", fit_pca, classifies=False, note="integration baseline", cost_hint=0.0),
 ]
 
 

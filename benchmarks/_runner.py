@@ -367,10 +367,9 @@ def run_benchmark(
         return _run_group(group, units, datasets, work, settings, log)
 
     if isolate and jobs > 1:
-        # Processes run side by side, each with ``threads`` threads; the cheap ones go
-        # last, so that they fill the gaps instead of leaving a long process to finish
-        # alone.
-        order = sorted(range(len(groups)), key=lambda i: all(m.cheap for m in groups[i]))
+        # Processes run side by side, each with ``threads`` threads, the costliest first,
+        # so that the cheap ones fill the gaps instead of a long one finishing alone.
+        order = sorted(range(len(groups)), key=lambda i: -sum(m.cost_hint for m in groups[i]))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {i: pool.submit(one, groups[i]) for i in order}
             per_group = [futures[i].result() for i in range(len(groups))]
