@@ -174,11 +174,36 @@ def _method_cell(entry: dict) -> str:
     return f"{entry['method']}{failed}"
 
 
+def _novelty_by_type_table(rows: list[dict], dataset: str, entries: list[dict]) -> list[str]:
+    """Methods x withheld types: the novelty AUROC of each type, averaged over seeds."""
+    mine = [
+        r
+        for r in rows
+        if r["task"] == "novelty" and r["dataset"] == dataset and r["status"] == "ok"
+    ]
+    types = sorted({r["variant"] for r in mine})
+    body = []
+    for entry in _ordered(entries):
+        cells = []
+        for cell_type in types:
+            values = [
+                r["novelty_auroc"]
+                for r in mine
+                if r["method"] == entry["method"] and r["variant"] == cell_type
+            ]
+            cells.append(_number("novelty_auroc", float(np.mean(values))) if values else "n/a")
+        body.append([entry["method"], *cells])
+    return _table(["method", *types], body)
+
+
 def markdown_report(result: dict) -> str:
     """The run as Markdown: one table per task and dataset, the best-vs-peer table, errors."""
     summary, titles = result["summary"], result.get("dataset_titles", {})
     settings = result["settings"]
-    mode = "one process per method" if settings["isolate"] else "in process"
+    mode = "in process"
+    if settings["isolate"]:
+        jobs = settings.get("jobs") or 1
+        mode = f"one process per method, {jobs} side by side; scVI and scANVI share one"
     lines = [f"# Benchmark results: {result['name']}", ""]
     lines += [
         f"Command: `{result['command']}`",
@@ -208,6 +233,9 @@ def markdown_report(result: dict) -> str:
                     for s in _ordered(mine)
                 ]
                 lines += _table(header, body)
+            if task == "novelty":
+                lines += ["", "Novelty AUROC per withheld type (mean over seeds):", ""]
+                lines += _novelty_by_type_table(result.get("rows", []), dataset, mine)
             lines.append("")
     comparisons = result.get("best_vs_peer", [])
     if comparisons:
@@ -229,6 +257,11 @@ def markdown_report(result: dict) -> str:
                 ]
             )
         lines += _table(["task", "data", "metric", "best celltyper", "best peer", "gap"], body)
+        lines.append("")
+    notes = result.get("method_notes", {})
+    if notes:
+        lines += ["## How the methods ran", ""]
+        lines += [f"- {name}: {note}" for name, note in notes.items()]
         lines.append("")
     problems = [s for s in summary if s["status"] != "ok" or s["n_failed"]]
     if problems:

@@ -368,6 +368,7 @@ def test_quick_run_computes_every_metric(shared_data_dir, tmp_path):
     assert transfer_datasets == {"kang_ctrl_to_stim", "cellbench_10x_to_celseq_dropseq"}
     report = (out / "results.md").read_text()
     assert "Best celltyper model against the best peer" in report
+    assert "Novelty AUROC per withheld type" in report and "## How the methods ran" in report
     assert len(list(out.glob("bar_*.png"))) >= 10
     assert markdown_report(result) == report
     assert isinstance(Path(result["settings"]["data_dir"]), Path)
