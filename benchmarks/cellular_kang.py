@@ -14,7 +14,7 @@ Three measurements, each selectable with ``--parts``:
 Usage::
 
     python -m benchmarks.cellular_kang [--quick] [--parts transfer integration novelty]
-        [--seeds 0 1 2] [--data-dir DIR] [--json FILE]
+        [--seeds 0 1 2] [--classifier-training frozen|joint] [--data-dir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -43,19 +43,26 @@ from ._tasks import (
 )
 
 
-def _fit_cellular(adata, labels_key: str, batch_key: str, quick: bool, seed: int) -> CELLULAR:
+def _fit_cellular(
+    adata, labels_key: str, batch_key: str, quick: bool, seed: int, classifier: str = "frozen"
+) -> CELLULAR:
     CELLULAR.setup_anndata(adata, labels_key=labels_key, batch_key=batch_key)
     model = CELLULAR(adata, seed=seed)
-    model.train(max_epochs=2 if quick else 50, enable_progress_bar=False)
+    model.train(
+        max_epochs=2 if quick else 50, classifier_training=classifier, enable_progress_bar=False
+    )
     return model
 
 
-def transfer(task: TransferTask, quick: bool, seeds: list[int]) -> list[dict]:
+def transfer(
+    task: TransferTask, quick: bool, seeds: list[int], classifier: str = "frozen"
+) -> list[dict]:
     """Balanced accuracy etc. of CELLULAR on the scored query cells, one row per seed."""
     rows = []
     for seed in seeds:
         start = time.perf_counter()
-        model = _fit_cellular(task.adata.copy(), "train_label", task.batch_key, quick, seed)
+        adata = task.adata.copy()
+        model = _fit_cellular(adata, "train_label", task.batch_key, quick, seed, classifier)
         seconds = time.perf_counter() - start
         predictions = model.predict()[task.scored]
         scores = classification_scores(task.y_true, predictions)
@@ -151,6 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 epochs, to check the wiring")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--classifier-training", default="frozen", choices=["frozen", "joint"],
+        help="CELLULAR.train(classifier_training=...) for the transfer part",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "transfer" in args.parts or "novelty" in args.parts:
         task = kang_control_to_stimulated(args.data_dir)
     if "transfer" in args.parts:
-        rows = transfer(task, args.quick, args.seeds)
+        rows = transfer(task, args.quick, args.seeds, args.classifier_training)
         frame = pd.DataFrame(rows)
         means, sds = frame.mean(numeric_only=True), frame.std(numeric_only=True, ddof=0)
         print("\n| metric | mean | sd |\n|---|---|---|")

@@ -209,6 +209,36 @@ def test_query_fine_tuning_leaves_encoder_unchanged(trained_cellular):
     )
 
 
+def test_joint_stage_two_trains_encoder_and_classifier_together():
+    adata = make_counts_adata()
+    CELLULAR.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    models = {}
+    for mode in ("frozen", "joint"):
+        models[mode] = CELLULAR(adata, **_SMALL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[mode].train(**_TRAIN, classifier_training=mode)
+    frozen, joint = models["frozen"], models["joint"]
+    # Same seed: stage 1 is the same for both; only the joint stage 2 moves the encoder.
+    curve = "train_target_loss"
+    np.testing.assert_allclose(
+        frozen.contrastive_history_[curve][curve].to_numpy(dtype=float),
+        joint.contrastive_history_[curve][curve].to_numpy(dtype=float),
+    )
+    frozen_encoder = frozen.module.encoder.state_dict()
+    moved = [
+        k
+        for k, v in joint.module.encoder.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, frozen_encoder[k])
+    ]
+    assert moved, "the joint stage left the encoder as stage 1 left it"
+    for key in ("train_classification_loss", "train_contrastive_loss"):
+        assert np.isfinite(joint.history[key][key].to_numpy(dtype=float)).all()
+    assert np.mean(joint.predict() == adata.obs["cell_type"].to_numpy()) > 0.5
+    with pytest.raises(ValueError, match="classifier_training"):
+        joint.train(max_epochs=1, classifier_training="both")
+
+
 def test_trains_without_batch_key():
     adata = make_counts_adata(n_batches=1, cells_per=30)
     CELLULAR.setup_anndata(adata, labels_key="train_label")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -15,7 +16,11 @@ from sklearn.decomposition import PCA
 
 from celltyper.data import LabelledUnlabelledSplitter
 from celltyper.module import CELLULARModule
-from celltyper.train import ClassifierHeadTrainingPlan, ContrastiveTrainingPlan
+from celltyper.train import (
+    ClassifierHeadTrainingPlan,
+    ContrastiveTrainingPlan,
+    JointClassifierTrainingPlan,
+)
 
 from .base import CellTyperModel, seeded
 
@@ -100,6 +105,7 @@ class CELLULAR(CellTyperModel):
     _module_cls = CELLULARModule
     _training_plan_cls = ClassifierHeadTrainingPlan
     _contrastive_plan_cls = ContrastiveTrainingPlan
+    _joint_plan_cls = JointClassifierTrainingPlan
     _data_splitter_cls = LabelledUnlabelledSplitter
     _input_kind = "log1p"
     _requires_labels = True
@@ -157,6 +163,7 @@ class CELLULAR(CellTyperModel):
         self,
         max_epochs: int = 50,
         classifier_epochs: int | None = None,
+        classifier_training: Literal["frozen", "joint"] = "frozen",
         batch_size: int = 256,
         validation_size: float = 0.2,
         lr: float = 1e-3,
@@ -178,6 +185,13 @@ class CELLULAR(CellTyperModel):
             Epochs of stage 1.
         classifier_epochs
             Epochs of stage 2; defaults to ``max_epochs``.
+        classifier_training
+            ``"frozen"``: stage 2 trains the classifier on the frozen encoder's embedding.
+            ``"joint"``: stage 2 trains encoder and classifier together, on the
+            contrastive loss plus the classifier's cross-entropy
+            (:class:`~celltyper.train.JointClassifierTrainingPlan`). Kang control ->
+            stimulated measured no better with it (see the docs page), so frozen is the
+            default. A query model always keeps its encoder frozen.
         batch_size
             Minibatch size.
         validation_size
@@ -204,6 +218,15 @@ class CELLULAR(CellTyperModel):
         """
         seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
         classifier_epochs = max_epochs if classifier_epochs is None else classifier_epochs
+        if classifier_training not in ("frozen", "joint"):
+            raise ValueError(
+                f"classifier_training must be 'frozen' or 'joint', got {classifier_training!r}."
+            )
+        if classifier_training == "joint" and self._is_query_model:
+            raise ValueError(
+                "classifier_training='joint' trains the encoder, which a query model keeps "
+                "frozen (it is the reference's embedding); use 'frozen'."
+            )
         common = {
             "early_stopping": early_stopping,
             "early_stopping_patience": early_stopping_patience,
@@ -213,12 +236,19 @@ class CELLULAR(CellTyperModel):
         if not self._is_query_model:
             self._train_encoder(max_epochs, batch_size, validation_size, lr, weight_decay, common)
         splitter = self._splitter(validation_size, batch_size, seed, self._is_query_model)
-        plan = self._training_plan_cls(
-            self.module,
-            class_weights=self._class_weights(splitter.labelled_train_idx),
-            lr=lr,
-            weight_decay=weight_decay,
-        )
+        class_weights = self._class_weights(splitter.labelled_train_idx)
+        if classifier_training == "joint":
+            plan = self._joint_plan_cls(
+                self.module,
+                class_weights=class_weights,
+                use_batches=self.n_batches > 1,
+                lr=lr,
+                weight_decay=weight_decay,
+            )
+        else:
+            plan = self._training_plan_cls(
+                self.module, class_weights=class_weights, lr=lr, weight_decay=weight_decay
+            )
         self._start_fresh_history()
         self._run_training(plan, splitter, classifier_epochs, calibrate=True, **common)
 

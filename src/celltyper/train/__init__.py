@@ -5,6 +5,7 @@ from ._callbacks import RestoreBestWeights
 from ._contrastive import (
     ClassifierHeadTrainingPlan,
     ContrastiveTrainingPlan,
+    JointClassifierTrainingPlan,
     warmup_cosine_factor,
 )
 from ._mixmatch import MixMatchTrainingPlan
@@ -18,6 +19,7 @@ __all__ = [
     "ClassifierTrainingPlan",
     "ContrastiveTrainingPlan",
     "FineTuningTrainingPlan",
+    "JointClassifierTrainingPlan",
     "MixMatchTrainingPlan",
     "ModulePlan",
     "PseudoLabelDataModule",

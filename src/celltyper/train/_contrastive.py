@@ -203,3 +203,70 @@ class ClassifierHeadTrainingPlan(ClassifierTrainingPlan):
         self.log("train_loss", loss, on_epoch=True, on_step=False, batch_size=n, prog_bar=True)
         self.log("train_classification_loss", loss, on_epoch=True, on_step=False, batch_size=n)
         return loss
+
+
+class JointClassifierTrainingPlan(ContrastiveTrainingPlan):
+    """Stage 2 of CELLULAR, joint variant: encoder and classifier learn together.
+
+    The loss on the labelled cells of each minibatch is the stage-1 contrastive total
+    (see :class:`ContrastiveTrainingPlan`) plus ``classification_weight`` x the
+    class-weighted cross-entropy of the classifier on the same embedding, so the
+    embedding keeps its contrastive structure while it is shaped for the classifier.
+    Validation is the unweighted cross-entropy (``validation_loss``), as in
+    :class:`ClassifierHeadTrainingPlan`, so early stopping and the calibration read the
+    same quantity in both variants.
+
+    Parameters
+    ----------
+    module
+        A :class:`~celltyper.module.CELLULARModule`.
+    class_weights
+        Weight per cell-type code (``None``: all 1).
+    classification_weight
+        Weight of the cross-entropy against the contrastive total.
+    **kwargs
+        Those of :class:`ContrastiveTrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module: CELLULARModule,
+        *,
+        class_weights: Tensor | None = None,
+        classification_weight: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(module, **kwargs)
+        self.class_weights = class_weights
+        self.classification_weight = classification_weight
+
+    def trainable_parameters(self):
+        return [*super().trainable_parameters(), *self.module.classifier.parameters()]
+
+    def _classification_loss(self, batch: dict[str, Tensor], weighted: bool) -> Tensor:
+        module: CELLULARModule = self.module
+        labelled, labels = _labelled(batch, module.n_labels)
+        logits = module.classifier(module.encoder(module.log_expression(batch)))
+        weights = None
+        if weighted and self.class_weights is not None:
+            weights = self.class_weights.to(logits.device)
+        return labelled_cross_entropy(logits, labels, labelled, weight=weights)
+
+    def training_step(self, batch, batch_idx: int):
+        batch = merge_minibatches(batch)
+        losses = self.contrastive_losses(batch)
+        classification = self._classification_loss(batch, weighted=True)
+        contrastive = classification * 0.0 if losses is None else losses["loss"]
+        loss = contrastive + self.classification_weight * classification
+        n = len(batch[REGISTRY_KEYS.X_KEY])
+        log = {"on_epoch": True, "on_step": False, "batch_size": n}
+        self.log("train_loss", loss, prog_bar=True, **log)
+        self.log("train_contrastive_loss", contrastive, **log)
+        self.log("train_classification_loss", classification, **log)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int):
+        loss = self._classification_loss(batch, weighted=False)
+        n = len(batch[REGISTRY_KEYS.X_KEY])
+        self.log("validation_loss", loss, on_epoch=True, batch_size=n, prog_bar=True)
+        return loss
