@@ -216,7 +216,7 @@ class CELLULAR(CellTyperModel):
         ``train_batch_loss``, ``train_centroid_loss``, ``temperature``, ...) of the last
         call.
         """
-        seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
+        seed = self._resolve_seed(seed)
         classifier_epochs = max_epochs if classifier_epochs is None else classifier_epochs
         if classifier_training not in ("frozen", "joint"):
             raise ValueError(

@@ -229,7 +229,7 @@ class RANKFORMER(CellTyperModel):
         **trainer_kwargs
             Keywords of the Lightning trainer.
         """
-        seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
+        seed = self._resolve_seed(seed)
         if mlm_weight is None:
             mlm_weight = 0.5 if self._is_query_model else 0.0
         include_unlabelled = mlm_weight > 0 or self._is_query_model
@@ -299,7 +299,7 @@ class RANKFORMER(CellTyperModel):
         """
         if mask_prob <= 0:
             raise ValueError(f"mask_prob must be > 0 for pretraining, got {mask_prob}.")
-        seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
+        seed = self._resolve_seed(seed)
         splitter = self._splitter(validation_size, batch_size, seed, True, False)
         plan = self._training_plan_cls(
             self.module,

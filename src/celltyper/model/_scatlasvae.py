@@ -495,7 +495,7 @@ class SCATLASVAE(CellTyperModel):
             )
             n_epochs_prediction = None
         start = 0 if n_epochs_prediction is None else max(0, max_epochs - n_epochs_prediction)
-        seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
+        seed = self._resolve_seed(seed)
         splitter = self._make_splitter(
             validation_size,
             batch_size,

@@ -193,7 +193,7 @@ class SCNYM(CellTyperModel):
         settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in settings})
         if max_epochs is not None:
             settings["max_epochs"] = max_epochs
-        seed = self.init_params_["non_kwargs"]["seed"] if seed is None else seed
+        seed = self._resolve_seed(seed)
 
         splitter = self._make_splitter(
             settings["validation_size"],

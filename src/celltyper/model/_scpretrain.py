@@ -134,9 +134,6 @@ class SCPRETRAIN(CellTyperModel):
         """
         return self._pretrain_heads
 
-    def _seed(self, seed: int | None) -> int:
-        return int(self.init_params_["non_kwargs"]["seed"] if seed is None else seed)
-
     def _datasets(self) -> tuple[np.ndarray, list[str]]:
         """Dataset (batch) index of each cell, 0..D-1 over the batches present."""
         codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY))
@@ -292,7 +289,7 @@ class SCPRETRAIN(CellTyperModel):
                 "The encoder of this query model is frozen by load_query_data; pretrain the "
                 "reference model, or load the query with unfrozen=True."
             )
-        seed = self._seed(seed)
+        seed = self._resolve_seed(seed)
         _, _, device = parse_device_args(accelerator, devices, return_device="torch")
         self.module.to(device)
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -488,7 +485,7 @@ class SCPRETRAIN(CellTyperModel):
                 "early_stopping_monitor must be 'validation_accuracy' or 'validation_loss', "
                 f"got {early_stopping_monitor!r}."
             )
-        seed = self._seed(seed)
+        seed = self._resolve_seed(seed)
         run_pretraining = pretrain is True or (
             pretrain == "auto" and not self.is_pretrained_ and not self._is_query_model
         )

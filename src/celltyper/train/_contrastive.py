@@ -102,13 +102,19 @@ class ContrastiveTrainingPlan(ClassifierTrainingPlan):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}
 
-    def contrastive_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        """The three terms and their weighted total on the labelled cells of ``batch``."""
+    def contrastive_losses(
+        self, batch: dict[str, Tensor], z: Tensor | None = None
+    ) -> dict[str, Tensor] | None:
+        """The three terms and their weighted total on the labelled cells of ``batch``;
+        ``z``, the embedding of every cell of the batch, when the caller has it already."""
         module: CELLULARModule = self.module
         labelled, labels = _labelled(batch, module.n_labels)
         if int(labelled.sum()) < 2:
             return None
-        z = module.encoder(module.log_expression(batch)[labelled])
+        if z is None:
+            z = module.encoder(module.log_expression(batch)[labelled])
+        else:
+            z = z[labelled]
         labels = labels[labelled]
         target = supervised_soft_nn_loss(z, labels, module.temperature)
         centroid = centroid_distance_loss(z, labels, module.pca_centroid_distances)
@@ -243,19 +249,25 @@ class JointClassifierTrainingPlan(ContrastiveTrainingPlan):
     def trainable_parameters(self):
         return [*super().trainable_parameters(), *self.module.classifier.parameters()]
 
-    def _classification_loss(self, batch: dict[str, Tensor], weighted: bool) -> Tensor:
+    def _classification_loss(self, batch: dict[str, Tensor], z: Tensor, weighted: bool) -> Tensor:
         module: CELLULARModule = self.module
         labelled, labels = _labelled(batch, module.n_labels)
-        logits = module.classifier(module.encoder(module.log_expression(batch)))
+        logits = module.classifier(z)
         weights = None
         if weighted and self.class_weights is not None:
             weights = self.class_weights.to(logits.device)
         return labelled_cross_entropy(logits, labels, labelled, weight=weights)
 
+    def _embed(self, batch: dict[str, Tensor]) -> Tensor:
+        module: CELLULARModule = self.module
+        return module.encoder(module.log_expression(batch))
+
     def training_step(self, batch, batch_idx: int):
         batch = merge_minibatches(batch)
-        losses = self.contrastive_losses(batch)
-        classification = self._classification_loss(batch, weighted=True)
+        # One forward pass (one dropout mask) serves both losses.
+        z = self._embed(batch)
+        losses = self.contrastive_losses(batch, z)
+        classification = self._classification_loss(batch, z, weighted=True)
         contrastive = classification * 0.0 if losses is None else losses["loss"]
         loss = contrastive + self.classification_weight * classification
         n = len(batch[REGISTRY_KEYS.X_KEY])
@@ -266,7 +278,7 @@ class JointClassifierTrainingPlan(ContrastiveTrainingPlan):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int):
-        loss = self._classification_loss(batch, weighted=False)
+        loss = self._classification_loss(batch, self._embed(batch), weighted=False)
         n = len(batch[REGISTRY_KEYS.X_KEY])
         self.log("validation_loss", loss, on_epoch=True, batch_size=n, prog_bar=True)
         return loss

@@ -246,6 +246,10 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
             **splitter_kwargs,
         )
 
+    def _resolve_seed(self, seed: int | None) -> int:
+        """``seed``, or the seed the model was constructed with when it is ``None``."""
+        return int(self.init_params_["non_kwargs"]["seed"] if seed is None else seed)
+
     def _start_fresh_history(self) -> None:
         """Forget the curves of the previous fit before a stage that logs other curves.
 
