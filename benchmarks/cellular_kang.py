@@ -14,7 +14,8 @@ Three measurements, each selectable with ``--parts``:
 Usage::
 
     python -m benchmarks.cellular_kang [--quick] [--parts transfer integration novelty]
-        [--seeds 0 1 2] [--classifier-training frozen|joint] [--data-dir DIR] [--json FILE]
+        [--seeds 0 1 2] [--classifier-training frozen|joint] [--batch-centering]
+        [--data-dir DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ from ._tasks import (
     kang_integration,
 )
 
+#: Constructor keywords of every CELLULAR of the run (``--batch-centering`` sets them).
+MODEL_KWARGS: dict = {}
+
 
 def _fit_cellular(
     adata, labels_key: str, batch_key: str, quick: bool, seed: int, classifier: str = "frozen"
 ) -> CELLULAR:
     CELLULAR.setup_anndata(adata, labels_key=labels_key, batch_key=batch_key)
-    model = CELLULAR(adata, seed=seed)
+    model = CELLULAR(adata, seed=seed, **MODEL_KWARGS)
     model.train(
         max_epochs=2 if quick else 50, classifier_training=classifier, enable_progress_bar=False
     )
@@ -162,8 +166,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--classifier-training", default="frozen", choices=["frozen", "joint"],
         help="CELLULAR.train(classifier_training=...) for the transfer part",
     )  # fmt: skip
+    parser.add_argument(
+        "--batch-centering", action="store_true",
+        help="CELLULAR(batch_centering=True): each condition centred on its own mean",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
+    MODEL_KWARGS.clear()
+    if args.batch_centering:
+        MODEL_KWARGS["batch_centering"] = True
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -44,6 +44,24 @@ def log_normalize_matrix(matrix, mean_total: float) -> np.ndarray:
     return np.log1p(np.asarray(matrix, dtype=np.float64) * scale[:, None]).astype(np.float32)
 
 
+def batch_log_means(
+    matrix, batch_codes: np.ndarray, n_batch: int, mean_total: float | None, chunk: int = 4096
+) -> np.ndarray:
+    """Mean model input of each batch, ``(n_batch, n_genes)``; rows of absent batches are 0.
+
+    The input is ``log1p(x / total * mean_total)`` of counts, or the values as they are
+    when ``mean_total`` is ``None``. Dense in chunks of ``chunk`` cells only.
+    """
+    sums = np.zeros((n_batch, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], chunk):
+        block = matrix[start : start + chunk]
+        x = _dense(block) if mean_total is None else log_normalize_matrix(block, mean_total)
+        indicator = np.eye(n_batch)[batch_codes[start : start + chunk]]
+        sums += indicator.T @ x
+    counts = np.bincount(batch_codes, minlength=n_batch)
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
 def centroid_distances(x: np.ndarray, labels: np.ndarray, n_labels: int, seed: int = 0):
     """Euclidean distances between cell-type centroids in the PCA of ``x``.
 
@@ -87,6 +105,13 @@ class CELLULAR(CellTyperModel):
         Dropout of the encoder and the classifier.
     classifier_hidden
         Width of the classifier's two hidden layers.
+    batch_centering
+        Centre each cell's log-expression on the mean of its batch (every registered cell
+        of the batch, labelled or not) before the encoder. Removes a shift shared by a
+        whole batch, such as a stimulation; needs ``batch_key`` with 2 or more batches.
+        The encoder keeps no batch input: a query's new batches are centred on their own
+        means in :meth:`load_query_data`. Off by default, as in the published method;
+        Kang control -> stimulated measures better with it (see the docs page).
     seed
         Seed of the weight initialisation, of the PCA and the default seed of :meth:`train`.
 
@@ -117,10 +142,16 @@ class CELLULAR(CellTyperModel):
         n_hidden: Sequence[int] = (1000, 500),
         dropout_rate: float = 0.2,
         classifier_hidden: int = 512,
+        batch_centering: bool = False,
         seed: int = 0,
     ):
         super().__init__(adata)
         self._init_data_checks()
+        if batch_centering and self.n_batches < 2:
+            raise ValueError(
+                "batch_centering=True centres each batch on its own mean, which needs a "
+                "batch_key with at least 2 batches in setup_anndata."
+            )
         is_counts = self.input_kind_ == "counts"
         matrix, codes = self._labelled_reference()
         mean_total = float(_row_totals(matrix).mean()) if is_counts and len(codes) else 1.0
@@ -135,9 +166,13 @@ class CELLULAR(CellTyperModel):
                 normalize_counts=is_counts,
                 mean_total=mean_total,
             )
+        if batch_centering:
+            self._set_batch_means(mean_total if is_counts else None)
         # A query model is built on unlabelled data; its buffers come from the reference.
         if len(codes) > 1:
             x = log_normalize_matrix(matrix, mean_total) if is_counts else _dense(matrix)
+            if batch_centering:
+                x = x - self._batch_means()[self._batch_codes()[self._labelled]]
             distances = centroid_distances(x, codes, self.n_labels, seed)
             self.module.set_pca_centroid_distances(torch.as_tensor(distances))
         self._model_summary_string = (
@@ -146,13 +181,44 @@ class CELLULAR(CellTyperModel):
         )
         self.init_params_ = self._get_init_params(locals())
 
+    @property
+    def _labelled(self) -> np.ndarray:
+        """Indices of the registered cells with a reference label."""
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
+        return np.flatnonzero(codes.reshape(-1).astype(int) < self.n_labels)
+
     def _labelled_reference(self):
         """Expression matrix and label codes of the labelled registered cells."""
         codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-        codes = codes.reshape(-1).astype(int)
-        labelled = np.flatnonzero(codes < self.n_labels)
+        labelled = self._labelled
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        return matrix[labelled], codes[labelled]
+        return matrix[labelled], codes.reshape(-1).astype(int)[labelled]
+
+    def _batch_codes(self) -> np.ndarray:
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY))
+        return codes.reshape(-1).astype(int)
+
+    def _after_query_surgery(self, n_reference_batches: int) -> None:
+        # The query model was built before the reference's mean_total was loaded, so its
+        # new batches' means are computed again, now with the reference's normalisation.
+        if not self.module.batch_centering:
+            return
+        mean_total = float(self.module.mean_total) if self.input_kind_ == "counts" else None
+        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        means = batch_log_means(matrix, self._batch_codes(), self.n_batches, mean_total)
+        means[:n_reference_batches] = self._batch_means()[:n_reference_batches]
+        self.module.set_batch_means(torch.as_tensor(means))
+
+    def _batch_means(self) -> np.ndarray:
+        return self.module.batch_means.detach().cpu().numpy()
+
+    def _set_batch_means(self, mean_total: float | None) -> None:
+        """Per-batch mean inputs of every registered cell, labelled or not. A query model
+        gets the means of its own batches; surgery keeps the reference's for the others."""
+        self.module.init_batch_centering(self.n_batches, self.summary_stats.n_vars)
+        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        means = batch_log_means(matrix, self._batch_codes(), self.n_batches, mean_total)
+        self.module.set_batch_means(torch.as_tensor(means))
 
     def _splitter(self, validation_size, batch_size, seed, include_unlabelled):
         return self._make_splitter(

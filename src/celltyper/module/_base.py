@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
@@ -97,15 +98,38 @@ class LogExpressionClassifier(ClassifierModule):
     normalize_counts: bool
     encoder: nn.Module
     classifier: nn.Module
+    #: Whether :meth:`log_expression` subtracts each cell's batch mean (see
+    #: :meth:`init_batch_centering`).
+    batch_centering: bool = False
 
     def target_sum(self) -> float:
         """Total each cell is scaled to before ``log1p``."""
         raise NotImplementedError("A LogExpressionClassifier must define target_sum().")
 
+    def init_batch_centering(self, n_batch: int, n_input: int) -> None:
+        """Centre every input on the mean log-expression of its batch.
+
+        Registers the buffer ``batch_means`` (``n_batch`` x ``n_input``), filled by the
+        model with :meth:`set_batch_means`. Centring each batch on its own mean removes a
+        shift that a whole batch shares (a stimulation, a protocol) before the encoder
+        sees the cell, while the encoder itself keeps no batch input. One row per batch
+        category, so scvi-tools' surgery appends the rows of a query's new batches.
+        """
+        self.batch_centering = True
+        self.register_buffer("batch_means", torch.zeros(n_batch, n_input))
+
+    def set_batch_means(self, means: Tensor) -> None:
+        """Set the per-batch mean log-expression (``n_batch`` x ``n_input``)."""
+        self.batch_means.copy_(torch.as_tensor(means, dtype=torch.float32))
+
     def log_expression(self, tensors: dict[str, Tensor]) -> Tensor:
-        """The model's input: log-normalised counts, or the registered values as they are."""
+        """The model's input: log-normalised counts, or the registered values as they are,
+        centred on their batch's mean when batch centring is on."""
         x = self.expression(tensors)
-        return log1p_normalize(x, self.target_sum()) if self.normalize_counts else x
+        x = log1p_normalize(x, self.target_sum()) if self.normalize_counts else x
+        if self.batch_centering:
+            x = x - self.batch_means[tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1)]
+        return x
 
     def embed_log_expression(self, x_log: Tensor) -> Tensor:
         """Embedding of log-normalised profiles."""

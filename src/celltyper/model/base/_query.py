@@ -7,6 +7,7 @@ from functools import partial
 
 from anndata import AnnData
 from mudata import MuData
+from scvi import REGISTRY_KEYS
 from scvi.model.base import ArchesMixin, BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
 
@@ -88,8 +89,18 @@ class QueryMixin(ArchesMixin):
             internal, reference, accelerator=accelerator, device=device, unfrozen=True
         )
         model.module.freeze_for_query(unfrozen=unfrozen)
+        batch_field = registry["field_registries"][REGISTRY_KEYS.BATCH_KEY]
+        model._after_query_surgery(int(batch_field["summary_stats"]["n_batch"]))
         # The reference's weights already give usable predictions on the query.
         model.is_trained_ = True
         model.min_gene_overlap_ = min_gene_overlap
         model.is_query_model_ = True
         return model
+
+    def _after_query_surgery(self, n_reference_batches: int) -> None:
+        """Hook run on a new query model once the reference's weights are loaded.
+
+        Batch categories ``0 .. n_reference_batches - 1`` are the reference's; those after
+        are the query's new batches. Models with state computed from the data of each
+        batch fill in the new batches here.
+        """
