@@ -416,3 +416,34 @@ def test_report_finishes_an_interrupted_run(tmp_path):
     assert result["summary"][0]["accuracy"] == 0.5
     report = (tmp_path / "run" / "results.md").read_text()
     assert "interrupted" in report and "| LR |" in report
+
+
+@pytest.mark.realdata
+def test_kang_ceiling_hides_each_fold_and_the_withheld_type(shared_data_dir):
+    """In-domain cross-validation: a fit never sees the labels it is scored on."""
+    from benchmarks import kang_ceiling
+
+    domain = kang_ceiling.load_domain(shared_data_dir, "stimulated", 200, seed=0)
+    assert int(domain.labelled.sum()) == 879 and domain.adata.n_obs == 879 + 200
+    splits = kang_ceiling.folds(domain, 3, seed=0)
+    assert sorted(np.concatenate(splits)) == list(np.flatnonzero(domain.labelled))
+
+    seen: list[FitInput] = []
+    spy = Method("spy", "peer", lambda inp: seen.append(inp))
+    kang_ceiling.fit_without(spy, domain, splits[0], 0, True, withheld="B")
+    train_label = seen[0].adata.obs["train_label"].astype(str).to_numpy()
+    hidden = np.zeros(domain.adata.n_obs, dtype=bool)
+    hidden[splits[0]] = True
+    hidden |= domain.y == "B"
+    hidden |= ~domain.labelled
+    assert (train_label[hidden] == "Unknown").all()
+    np.testing.assert_array_equal(train_label[~hidden], domain.y[~hidden])
+
+    result = kang_ceiling.main(
+        ["--data-dir", str(shared_data_dir), "--folds", "2", "--max-unlabelled", "200",
+         "--methods", "LR", "--novelty-methods", "LR", "--parts", "accuracy", "novelty"]
+    )  # fmt: skip
+    (row,) = result["accuracy"]
+    assert 0.6 < row["balanced_accuracy"] < 0.95
+    aurocs = result["novelty"]["LR"]
+    assert len(aurocs) == 7 and all(0.0 <= v <= 1.0 for v in aurocs.values())
