@@ -280,3 +280,81 @@ def test_seeded_is_reproducible_and_restores_caller_rng():
     with seeded(None):
         value = np.random.rand()
     assert value == expected[0] and np.random.rand() == expected[1]
+
+
+# -- batch centring: every model with BatchCenteringMixin ---------------------------------
+def _centring_models() -> list[str]:
+    import celltyper.model
+    from celltyper.model.base import BatchCenteringMixin
+
+    return [
+        name
+        for name in celltyper.model.__all__
+        if issubclass(getattr(celltyper.model, name), BatchCenteringMixin)
+    ]
+
+
+def _batch_means_by_hand(adata, target_sum: float) -> dict[str, np.ndarray]:
+    counts = adata.X.toarray().astype(np.float64)
+    x = np.log1p(counts / counts.sum(axis=1, keepdims=True) * target_sum)
+    batches = adata.obs["batch"].astype(str).to_numpy()
+    return {b: x[batches == b].mean(axis=0) for b in np.unique(batches)}
+
+
+@pytest.mark.parametrize("model_name", _centring_models())
+def test_batch_centering_subtracts_each_batch_mean_and_survives_surgery(model_name, tmp_path):
+    import warnings
+
+    from conftest import make_counts_adata, tiny_kwargs, train_kwargs
+
+    import celltyper.model
+
+    model_cls = getattr(celltyper.model, model_name)
+    adata = make_counts_adata(cells_per=20)
+    model_cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = model_cls(adata, **tiny_kwargs(model_cls), batch_centering=True)
+    target_sum = model.module.target_sum()
+    # Means over every cell of a batch, the unlabelled ones (all of b1) included.
+    by_hand = _batch_means_by_hand(adata, target_sum)
+    means = model.module.batch_means.numpy().copy()
+    np.testing.assert_allclose(means, np.stack([by_hand["b0"], by_hand["b1"]]), atol=1e-4)
+    # The model's input: each batch centred on its own mean.
+    codes = adata.obs["batch"].cat.codes.to_numpy()
+    tensors = {"X": torch.as_tensor(adata.X.toarray()), "batch": torch.as_tensor(codes[:, None])}
+    x = model.module.log_expression(tensors).numpy()
+    for code in (0, 1):
+        np.testing.assert_allclose(x[codes == code].mean(axis=0), 0.0, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(**train_kwargs(model_cls))
+
+    # A query batch never seen by the reference is centred on its own mean.
+    query = make_counts_adata(n_batches=3, cells_per=20, seed=5)
+    query = query[query.obs["batch"] == "b2"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        query_model = model_cls.load_query_data(query, model)
+    query_means = query_model.module.batch_means.numpy()
+    assert query_means.shape == (3, adata.n_vars)
+    np.testing.assert_allclose(query_means[:2], means, atol=1e-6)
+    expected = _batch_means_by_hand(query, target_sum)["b2"]
+    np.testing.assert_allclose(query_means[2], expected, atol=1e-4)
+
+    # The buffer is saved and loaded with the model.
+    model.save(tmp_path / "centred")
+    loaded = model_cls.load(tmp_path / "centred", adata=adata)
+    np.testing.assert_array_equal(loaded.module.batch_means.numpy(), means)
+    np.testing.assert_array_equal(loaded.predict(), model.predict())
+
+
+@pytest.mark.parametrize("model_name", _centring_models())
+def test_batch_centering_needs_two_batches(model_name):
+    from conftest import make_counts_adata, tiny_kwargs
+
+    import celltyper.model
+
+    model_cls = getattr(celltyper.model, model_name)
+    adata = make_counts_adata(n_batches=1, cells_per=10)
+    model_cls.setup_anndata(adata, labels_key="train_label")
+    with pytest.raises(ValueError, match=r"batch_centering.*2 batches"):
+        model_cls(adata, **tiny_kwargs(model_cls), batch_centering=True)

@@ -239,61 +239,6 @@ def test_joint_stage_two_trains_encoder_and_classifier_together():
         joint.train(max_epochs=1, classifier_training="both")
 
 
-def _batch_means_by_hand(adata, mean_total: float) -> dict[str, np.ndarray]:
-    counts = adata.X.toarray().astype(np.float64)
-    x = np.log1p(counts / counts.sum(axis=1, keepdims=True) * mean_total)
-    batches = adata.obs["batch"].astype(str).to_numpy()
-    return {b: x[batches == b].mean(axis=0) for b in np.unique(batches)}
-
-
-def test_batch_centering_subtracts_each_batch_mean_and_survives_surgery(tmp_path):
-    adata = make_counts_adata(cells_per=20)
-    CELLULAR.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    model = CELLULAR(adata, **_SMALL, batch_centering=True)
-    mean_total = float(model.module.mean_total)
-    # Means over every cell of a batch, the unlabelled ones (all of b1) included.
-    by_hand = _batch_means_by_hand(adata, mean_total)
-    means = model.module.batch_means.numpy()
-    np.testing.assert_allclose(means, np.stack([by_hand["b0"], by_hand["b1"]]), atol=1e-4)
-    # The encoder's input: each batch centred on its own mean.
-    tensors = {
-        "X": torch.as_tensor(adata.X.toarray()),
-        "batch": torch.as_tensor(adata.obs["batch"].cat.codes.to_numpy()[:, None].copy()),
-    }
-    x = model.module.log_expression(tensors).numpy()
-    for code in (0, 1):
-        rows = adata.obs["batch"].cat.codes.to_numpy() == code
-        np.testing.assert_allclose(x[rows].mean(axis=0), 0.0, atol=1e-4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.train(**_TRAIN)
-
-    # A query batch never seen by the reference is centred on its own mean.
-    query = make_counts_adata(n_batches=3, cells_per=20, seed=5)
-    query = query[query.obs["batch"] == "b2"].copy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        query_model = CELLULAR.load_query_data(query, model)
-    query_means = query_model.module.batch_means.numpy()
-    assert query_means.shape == (3, adata.n_vars)
-    np.testing.assert_allclose(query_means[:2], means, atol=1e-6)
-    expected = _batch_means_by_hand(query, mean_total)["b2"]
-    np.testing.assert_allclose(query_means[2], expected, atol=1e-4)
-
-    # The buffer is saved and loaded with the model.
-    model.save(tmp_path / "centred")
-    loaded = CELLULAR.load(tmp_path / "centred", adata=adata)
-    np.testing.assert_array_equal(loaded.module.batch_means.numpy(), means)
-    np.testing.assert_array_equal(loaded.predict(), model.predict())
-
-
-def test_batch_centering_needs_two_batches():
-    adata = make_counts_adata(n_batches=1, cells_per=10)
-    CELLULAR.setup_anndata(adata, labels_key="train_label")
-    with pytest.raises(ValueError, match=r"batch_centering.*2 batches"):
-        CELLULAR(adata, **_SMALL, batch_centering=True)
-
-
 def test_trains_without_batch_key():
     adata = make_counts_adata(n_batches=1, cells_per=30)
     CELLULAR.setup_anndata(adata, labels_key="train_label")

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from anndata import AnnData
 from mudata import MuData
-from scipy import sparse
 from scvi import REGISTRY_KEYS
 from sklearn.decomposition import PCA
 
@@ -22,44 +21,13 @@ from celltyper.train import (
     JointClassifierTrainingPlan,
 )
 
-from .base import CellTyperModel, seeded
+from .base import BatchCenteringMixin, CellTyperModel, seeded
+from .base._centering import dense_float32, log_normalize_matrix, row_totals
 
 logger = logging.getLogger(__name__)
 
 #: Largest number of principal components of the centroid-distance target.
 MAX_PCA_COMPONENTS = 100
-
-
-def _row_totals(matrix) -> np.ndarray:
-    return np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
-
-
-def log_normalize_matrix(matrix, mean_total: float) -> np.ndarray:
-    """Dense ``log1p(x / total * mean_total)`` of a cells x genes matrix (zero rows stay 0)."""
-    totals = _row_totals(matrix)
-    scale = np.divide(mean_total, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sparse.issparse(matrix):
-        scaled = sparse.diags(scale) @ sparse.csr_matrix(matrix, dtype=np.float64)
-        return np.log1p(scaled.toarray()).astype(np.float32)
-    return np.log1p(np.asarray(matrix, dtype=np.float64) * scale[:, None]).astype(np.float32)
-
-
-def batch_log_means(
-    matrix, batch_codes: np.ndarray, n_batch: int, mean_total: float | None, chunk: int = 4096
-) -> np.ndarray:
-    """Mean model input of each batch, ``(n_batch, n_genes)``; rows of absent batches are 0.
-
-    The input is ``log1p(x / total * mean_total)`` of counts, or the values as they are
-    when ``mean_total`` is ``None``. Dense in chunks of ``chunk`` cells only.
-    """
-    sums = np.zeros((n_batch, matrix.shape[1]))
-    for start in range(0, matrix.shape[0], chunk):
-        block = matrix[start : start + chunk]
-        x = _dense(block) if mean_total is None else log_normalize_matrix(block, mean_total)
-        indicator = np.eye(n_batch)[batch_codes[start : start + chunk]]
-        sums += indicator.T @ x
-    counts = np.bincount(batch_codes, minlength=n_batch)
-    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
 def centroid_distances(x: np.ndarray, labels: np.ndarray, n_labels: int, seed: int = 0):
@@ -79,7 +47,7 @@ def centroid_distances(x: np.ndarray, labels: np.ndarray, n_labels: int, seed: i
     return distances * (present[:, None] & present[None, :])
 
 
-class CELLULAR(CellTyperModel):
+class CELLULAR(BatchCenteringMixin, CellTyperModel):
     """CELLULAR: a contrastively trained embedding with a classifier on top.
 
     Two stages, both run by :meth:`train`. Stage 1 trains an encoder (genes -> 1000 -> 500
@@ -147,14 +115,11 @@ class CELLULAR(CellTyperModel):
     ):
         super().__init__(adata)
         self._init_data_checks()
-        if batch_centering and self.n_batches < 2:
-            raise ValueError(
-                "batch_centering=True centres each batch on its own mean, which needs a "
-                "batch_key with at least 2 batches in setup_anndata."
-            )
+        if batch_centering:
+            self._check_batch_centering()
         is_counts = self.input_kind_ == "counts"
         matrix, codes = self._labelled_reference()
-        mean_total = float(_row_totals(matrix).mean()) if is_counts and len(codes) else 1.0
+        mean_total = float(row_totals(matrix).mean()) if is_counts and len(codes) else 1.0
         with seeded(seed):
             self.module = self._module_cls(
                 n_input=self.summary_stats.n_vars,
@@ -167,10 +132,10 @@ class CELLULAR(CellTyperModel):
                 mean_total=mean_total,
             )
         if batch_centering:
-            self._set_batch_means(mean_total if is_counts else None)
+            self._init_batch_centering()
         # A query model is built on unlabelled data; its buffers come from the reference.
         if len(codes) > 1:
-            x = log_normalize_matrix(matrix, mean_total) if is_counts else _dense(matrix)
+            x = log_normalize_matrix(matrix, mean_total) if is_counts else dense_float32(matrix)
             if batch_centering:
                 x = x - self._batch_means()[self._batch_codes()[self._labelled]]
             distances = centroid_distances(x, codes, self.n_labels, seed)
@@ -193,32 +158,6 @@ class CELLULAR(CellTyperModel):
         labelled = self._labelled
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         return matrix[labelled], codes.reshape(-1).astype(int)[labelled]
-
-    def _batch_codes(self) -> np.ndarray:
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY))
-        return codes.reshape(-1).astype(int)
-
-    def _after_query_surgery(self, n_reference_batches: int) -> None:
-        # The query model was built before the reference's mean_total was loaded, so its
-        # new batches' means are computed again, now with the reference's normalisation.
-        if not self.module.batch_centering:
-            return
-        mean_total = float(self.module.mean_total) if self.input_kind_ == "counts" else None
-        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        means = batch_log_means(matrix, self._batch_codes(), self.n_batches, mean_total)
-        means[:n_reference_batches] = self._batch_means()[:n_reference_batches]
-        self.module.set_batch_means(torch.as_tensor(means))
-
-    def _batch_means(self) -> np.ndarray:
-        return self.module.batch_means.detach().cpu().numpy()
-
-    def _set_batch_means(self, mean_total: float | None) -> None:
-        """Per-batch mean inputs of every registered cell, labelled or not. A query model
-        gets the means of its own batches; surgery keeps the reference's for the others."""
-        self.module.init_batch_centering(self.n_batches, self.summary_stats.n_vars)
-        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        means = batch_log_means(matrix, self._batch_codes(), self.n_batches, mean_total)
-        self.module.set_batch_means(torch.as_tensor(means))
 
     def _splitter(self, validation_size, batch_size, seed, include_unlabelled):
         return self._make_splitter(
@@ -336,10 +275,6 @@ class CELLULAR(CellTyperModel):
         if counts.sum():
             weights = weights / (weights * counts).sum() * counts.sum()
         return torch.as_tensor(weights, dtype=torch.float32)
-
-
-def _dense(matrix) -> np.ndarray:
-    return np.asarray(matrix.toarray() if sparse.issparse(matrix) else matrix, dtype=np.float32)
 
 
 __all__ = ["CELLULAR"]

@@ -1,6 +1,7 @@
 """The shared model contract: annotation, query mapping, input checks."""
 
 from ._annotation import AnnotationMixin
+from ._centering import BatchCenteringMixin
 from ._data import Registration, build_model_data
 from ._genes import GeneOverlap, align_genes, gene_identifier_type
 from ._model import CellTyperModel, seeded
@@ -9,6 +10,7 @@ from ._validation import check_labels, check_matrix_values
 
 __all__ = [
     "AnnotationMixin",
+    "BatchCenteringMixin",
     "CellTyperModel",
     "GeneOverlap",
     "QueryMixin",
