@@ -252,12 +252,15 @@ def celltyper_methods() -> list[Method]:
 
 
 # -- peers ------------------------------------------------------------------------------
-def fit_logistic_regression(inp: FitInput) -> Fitted:
+def fit_logistic_regression(inp: FitInput, **options) -> Fitted:
+    """scikit-learn's LogisticRegression on log1p(CP10k); ``options`` go to its constructor
+    (the harness's LR uses its defaults)."""
     from sklearn.linear_model import LogisticRegression
 
     x = log_normalised(inp.adata)
     ref = inp.reference
-    classifier = LogisticRegression(max_iter=200 if inp.quick else 1000, random_state=inp.seed)
+    options = {"max_iter": 200 if inp.quick else 1000, "random_state": inp.seed, **options}
+    classifier = LogisticRegression(**options)
     classifier.fit(x[ref], inp.adata.obs["train_label"].to_numpy()[ref])
     return _SklearnOnFeatures(classifier, x)
 
