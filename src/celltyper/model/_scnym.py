@@ -17,7 +17,7 @@ from celltyper.data import LabelledUnlabelledSplitter
 from celltyper.module import SCNYMModule
 from celltyper.train import MixMatchTrainingPlan
 
-from .base import CellTyperModel, seeded
+from .base import BatchCenteringMixin, CellTyperModel, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ _PLAN_KEYS = (
 )
 
 
-class SCNYM(CellTyperModel):
+class SCNYM(BatchCenteringMixin, CellTyperModel):
     """scNym: MixMatch semi-supervised learning with a domain adversary.
 
     A classifier (genes -> 256 -> 256 -> cell types) trained on labelled reference cells
@@ -92,6 +92,13 @@ class SCNYM(CellTyperModel):
         Number of hidden layers.
     dropout_rate
         Dropout after each hidden layer.
+    batch_centering
+        Centre each cell's log-expression on the mean of its batch (every registered cell
+        of the batch, labelled or not) before the network sees it, after MixMatch's
+        augmentations; needs ``batch_key`` with 2 or more batches. A query's new batches
+        are centred on their own means in :meth:`load_query_data`. Off by default. It
+        also removes differences in cell-type composition between batches: use it when
+        the batches hold broadly the same types.
     seed
         Seed of the weight initialisation (and the default seed of :meth:`train`).
 
@@ -124,10 +131,13 @@ class SCNYM(CellTyperModel):
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout_rate: float = 0.1,
+        batch_centering: bool = False,
         seed: int = 0,
     ):
         super().__init__(adata)
         self._init_data_checks()
+        if batch_centering:
+            self._check_batch_centering()
         self._domain_from_batch = self.n_batches > 1
         n_domains = self.n_batches if self._domain_from_batch else 2
         with seeded(seed):
@@ -140,6 +150,8 @@ class SCNYM(CellTyperModel):
                 dropout_rate=dropout_rate,
                 normalize_counts=self.input_kind_ == "counts",
             )
+        if batch_centering:
+            self._init_batch_centering()
         if self.input_kind_ == "counts":
             logger.info("SCNYM: raw counts detected; the model uses log1p(CPM) of them.")
         domains = "batches" if self._domain_from_batch else "labelled vs unlabelled"

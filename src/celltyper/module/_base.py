@@ -122,14 +122,24 @@ class LogExpressionClassifier(ClassifierModule):
         """Set the per-batch mean log-expression (``n_batch`` x ``n_input``)."""
         self.batch_means.copy_(torch.as_tensor(means, dtype=torch.float32))
 
-    def log_expression(self, tensors: dict[str, Tensor]) -> Tensor:
+    def log_expression(self, tensors: dict[str, Tensor], centre: bool = True) -> Tensor:
         """The model's input: log-normalised counts, or the registered values as they are,
-        centred on their batch's mean when batch centring is on."""
+        centred on their batch's mean when batch centring is on (and ``centre``).
+
+        ``centre=False`` gives the log-expression before centring, for augmentations that
+        need non-negative log1p values; :meth:`centre_batches` then finishes the input.
+        """
         x = self.expression(tensors)
         x = log1p_normalize(x, self.target_sum()) if self.normalize_counts else x
-        if self.batch_centering:
-            x = x - self.batch_means[tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1)]
+        if centre and self.batch_centering:
+            x = self.centre_batches(x, tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1))
         return x
+
+    def centre_batches(self, x_log: Tensor, batch_codes: Tensor) -> Tensor:
+        """``x_log`` minus the mean of each cell's batch (unchanged without centring)."""
+        if not self.batch_centering:
+            return x_log
+        return x_log - self.batch_means[batch_codes]
 
     def embed_log_expression(self, x_log: Tensor) -> Tensor:
         """Embedding of log-normalised profiles."""
