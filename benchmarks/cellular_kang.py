@@ -43,15 +43,18 @@ from ._tasks import (
     kang_integration,
 )
 
-#: Constructor keywords of every CELLULAR of the run (``--batch-centering`` sets them).
-MODEL_KWARGS: dict = {}
-
 
 def _fit_cellular(
-    adata, labels_key: str, batch_key: str, quick: bool, seed: int, classifier: str = "frozen"
+    adata,
+    labels_key: str,
+    batch_key: str,
+    quick: bool,
+    seed: int,
+    classifier: str = "frozen",
+    batch_centering: bool = False,
 ) -> CELLULAR:
     CELLULAR.setup_anndata(adata, labels_key=labels_key, batch_key=batch_key)
-    model = CELLULAR(adata, seed=seed, **MODEL_KWARGS)
+    model = CELLULAR(adata, seed=seed, batch_centering=batch_centering)
     model.train(
         max_epochs=2 if quick else 50, classifier_training=classifier, enable_progress_bar=False
     )
@@ -59,14 +62,20 @@ def _fit_cellular(
 
 
 def transfer(
-    task: TransferTask, quick: bool, seeds: list[int], classifier: str = "frozen"
+    task: TransferTask,
+    quick: bool,
+    seeds: list[int],
+    classifier: str = "frozen",
+    batch_centering: bool = False,
 ) -> list[dict]:
     """Balanced accuracy etc. of CELLULAR on the scored query cells, one row per seed."""
     rows = []
     for seed in seeds:
         start = time.perf_counter()
         adata = task.adata.copy()
-        model = _fit_cellular(adata, "train_label", task.batch_key, quick, seed, classifier)
+        model = _fit_cellular(
+            adata, "train_label", task.batch_key, quick, seed, classifier, batch_centering
+        )
         seconds = time.perf_counter() - start
         predictions = model.predict()[task.scored]
         scores = classification_scores(task.y_true, predictions)
@@ -89,7 +98,9 @@ def _scvi_latents(adata, batch_key: str, labels_key: str, quick: bool, seed: int
     return {"scvi": vae.get_latent_representation(), "scanvi": lvae.get_latent_representation()}
 
 
-def integration(data_dir: Path, quick: bool, seed: int) -> pd.DataFrame:
+def integration(
+    data_dir: Path, quick: bool, seed: int, batch_centering: bool = False
+) -> pd.DataFrame:
     """scib-metrics of CELLULAR, scVI, scANVI and PCA on the labelled Kang cells."""
     task = kang_integration(data_dir)
     adata = task.adata
@@ -99,7 +110,10 @@ def integration(data_dir: Path, quick: bool, seed: int) -> pd.DataFrame:
         adata, mask = adata[keep].copy(), task.mask[keep]
     else:
         mask = task.mask
-    model = _fit_cellular(adata.copy(), task.label_key, task.batch_key, quick, seed)
+    model = _fit_cellular(
+        adata.copy(), task.label_key, task.batch_key, quick, seed,
+        batch_centering=batch_centering,
+    )  # fmt: skip
     embeddings = {"cellular": model.get_latent_representation()}
     embeddings |= _scvi_latents(adata, task.batch_key, task.label_key, quick, seed)
     from sklearn.decomposition import PCA
@@ -120,12 +134,17 @@ def withheld_task(task: TransferTask, withheld: str) -> TransferTask:
     )
 
 
-def novelty(task: TransferTask, quick: bool, seed: int) -> pd.DataFrame:
+def novelty(
+    task: TransferTask, quick: bool, seed: int, batch_centering: bool = False
+) -> pd.DataFrame:
     """Novelty AUROC and flagged fractions with each cell type withheld in turn."""
     rows = []
     for withheld in sorted(np.unique(task.y_true)):
         sub = withheld_task(task, withheld)
-        model = _fit_cellular(sub.adata.copy(), "train_label", sub.batch_key, quick, seed)
+        model = _fit_cellular(
+            sub.adata.copy(), "train_label", sub.batch_key, quick, seed,
+            batch_centering=batch_centering,
+        )  # fmt: skip
         table = model.annotation_table().iloc[np.flatnonzero(sub.scored)]
         is_novel = sub.y_true == withheld
         rows.append(
@@ -172,9 +191,6 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
-    MODEL_KWARGS.clear()
-    if args.batch_centering:
-        MODEL_KWARGS["batch_centering"] = True
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -184,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "transfer" in args.parts or "novelty" in args.parts:
         task = kang_control_to_stimulated(args.data_dir)
     if "transfer" in args.parts:
-        rows = transfer(task, args.quick, args.seeds, args.classifier_training)
+        rows = transfer(
+            task, args.quick, args.seeds, args.classifier_training, args.batch_centering
+        )
         frame = pd.DataFrame(rows)
         means, sds = frame.mean(numeric_only=True), frame.std(numeric_only=True, ddof=0)
         print("\n| metric | mean | sd |\n|---|---|---|")
@@ -192,13 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {key} | {means[key]:.3f} | {sds[key]:.3f} |")
         results["transfer"] = rows
     if "integration" in args.parts:
-        table = integration(args.data_dir, args.quick, args.seeds[0])
+        table = integration(args.data_dir, args.quick, args.seeds[0], args.batch_centering)
         print("\nscib-metrics on the labelled Kang cells (unscaled):")
         print(table.round(3).to_markdown() if _has_tabulate() else table.round(3))
         print("\n" + table[SUMMARY_COLUMNS].round(3).to_string())
         results["integration"] = table.reset_index(names="embedding").to_dict("records")
     if "novelty" in args.parts:
-        table = novelty(task, args.quick, args.seeds[0])
+        table = novelty(task, args.quick, args.seeds[0], args.batch_centering)
         print("\n" + table.round(3).to_string(index=False))
         print(f"types with AUROC >= 0.85: {(table['auroc'] >= 0.85).sum()} of {len(table)}")
         results["novelty"] = table.to_dict("records")

@@ -45,6 +45,7 @@ from sklearn.model_selection import StratifiedKFold
 from celltyper.metrics import classification_scores, novelty_auroc
 
 from ._methods import FitInput, Method, all_methods, fit_logistic_regression
+from ._report import _table
 from ._tasks import DEFAULT_DATA_DIR, UNLABELLED, kang_control_to_stimulated
 
 DEFAULT_METHODS = ["LR", "kNN", "CellTypist", "CELLULAR", "SCNYM", "SCPRETRAIN", "scANVI"]
@@ -167,12 +168,9 @@ def novelty(domain: Domain, splits, methods, seed: int, quick: bool) -> pd.DataF
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join([frame.index.name or "", *map(str, frame.columns)]) + " |"
-    lines = [header, "|" + "---|" * (len(frame.columns) + 1)]
-    for name, row in frame.iterrows():
-        values = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join([str(name), *values]) + " |")
-    return "\n".join(lines)
+    """A frame of floats as a Markdown table, its index as the first column."""
+    rows = [[str(name), *(f"{v:.3f}" for v in row)] for name, row in frame.iterrows()]
+    return "\n".join(_table([frame.index.name or "", *map(str, frame.columns)], rows))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,7 @@ from celltyper.train import (
 )
 
 from .base import BatchCenteringMixin, CellTyperModel, seeded
-from .base._centering import dense_float32, log_normalize_matrix, row_totals
+from .base._matrix import dense_float32, log1p_scaled_counts, row_totals
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
             self._init_batch_centering()
         # A query model is built on unlabelled data; its buffers come from the reference.
         if len(codes) > 1:
-            x = log_normalize_matrix(matrix, mean_total) if is_counts else dense_float32(matrix)
+            x = dense_float32(log1p_scaled_counts(matrix, mean_total) if is_counts else matrix)
             if batch_centering:
                 x = x - self._batch_means()[self._batch_codes()[self._labelled]]
             distances = centroid_distances(x, codes, self.n_labels, seed)
@@ -149,15 +149,13 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
     @property
     def _labelled(self) -> np.ndarray:
         """Indices of the registered cells with a reference label."""
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-        return np.flatnonzero(codes.reshape(-1).astype(int) < self.n_labels)
+        return np.flatnonzero(self._label_codes() < self.n_labels)
 
     def _labelled_reference(self):
         """Expression matrix and label codes of the labelled registered cells."""
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
         labelled = self._labelled
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        return matrix[labelled], codes.reshape(-1).astype(int)[labelled]
+        return matrix[labelled], self._label_codes()[labelled]
 
     def _splitter(self, validation_size, batch_size, seed, include_unlabelled):
         return self._make_splitter(
@@ -269,8 +267,7 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
 
     def _class_weights(self, indices: np.ndarray) -> torch.Tensor:
         """Inverse class frequencies of the labelled training cells, mean 1 over cells."""
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-        counts = np.bincount(codes.reshape(-1)[indices], minlength=self.n_labels)
+        counts = np.bincount(self._label_codes()[indices], minlength=self.n_labels)
         weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
         if counts.sum():
             weights = weights / (weights * counts).sum() * counts.sum()

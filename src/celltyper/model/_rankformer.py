@@ -148,8 +148,7 @@ class RANKFORMER(CellTyperModel):
         whose medians are then replaced by the reference's) uses every cell.
         """
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-        labelled = np.flatnonzero(codes.reshape(-1) < self.n_labels)
+        labelled = np.flatnonzero(self._label_codes() < self.n_labels)
         if median_cells == "all" or len(labelled) == 0:
             return nonzero_gene_medians(matrix)
         return nonzero_gene_medians(matrix[labelled])

@@ -136,8 +136,7 @@ class SCPRETRAIN(CellTyperModel):
 
     def _datasets(self) -> tuple[np.ndarray, list[str]]:
         """Dataset (batch) index of each cell, 0..D-1 over the batches present."""
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY))
-        codes = codes.reshape(-1).astype(int)
+        codes = self._batch_codes()
         present = np.unique(codes)
         names = [str(self.registration.batches[c]) for c in present]
         return np.searchsorted(present, codes), names
@@ -594,9 +593,7 @@ class SCPRETRAIN(CellTyperModel):
         if labels_key is None:
             if adata is not None:
                 raise ValueError("evaluate(adata=...) needs labels_key naming the true labels.")
-            codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-            names = np.asarray([*self.cell_types, None], dtype=object)
-            truth = names[np.minimum(codes.reshape(-1), self.n_labels)]
+            truth = self._registered_labels()
         else:
             if labels_key not in target.obs.columns:
                 raise KeyError(f"labels_key={labels_key!r} is not a column of adata.obs.")

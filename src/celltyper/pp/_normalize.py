@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 from anndata import AnnData
-from scipy import sparse
 
+from celltyper.model.base._matrix import log1p_scaled_counts
 from celltyper.model.base._validation import check_matrix_values, get_matrix, require_counts
 
 
@@ -34,17 +33,3 @@ def log1p_cpm(
     counts = get_matrix(adata, layer)
     require_counts(check_matrix_values(counts), "log1p_cpm", "the counts")
     adata.layers[key_added] = log1p_scaled_counts(counts, target_sum)
-
-
-def log1p_scaled_counts(counts, target_sum: float):
-    """``log1p(counts / cell total * target_sum)`` as float32, sparse in, sparse out.
-
-    Cells without counts stay at zero.
-    """
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sparse.issparse(counts):
-        normalised = (sparse.diags(scale) @ sparse.csr_matrix(counts, dtype=np.float64)).tocsr()
-        normalised.data = np.log1p(normalised.data)
-        return normalised.astype(np.float32)
-    return np.log1p(np.asarray(counts, dtype=np.float64) * scale[:, None]).astype(np.float32)

@@ -38,6 +38,16 @@ def _labelled(batch: dict[str, Tensor], n_labels: int) -> tuple[Tensor, Tensor]:
     return labels < n_labels, labels
 
 
+def _head_loss(
+    module: CELLULARModule, batch: dict[str, Tensor], z: Tensor, class_weights: Tensor | None
+) -> Tensor:
+    """Cross-entropy of the classifier on the embedding ``z`` of the labelled cells of
+    ``batch``, weighted per class by ``class_weights`` (unweighted when ``None``)."""
+    labelled, labels = _labelled(batch, module.n_labels)
+    weights = None if class_weights is None else class_weights.to(z.device)
+    return labelled_cross_entropy(module.classifier(z), labels, labelled, weight=weights)
+
+
 class ContrastiveTrainingPlan(ClassifierTrainingPlan):
     """Stage 1 of CELLULAR: train the encoder (and the temperature) contrastively.
 
@@ -111,10 +121,7 @@ class ContrastiveTrainingPlan(ClassifierTrainingPlan):
         labelled, labels = _labelled(batch, module.n_labels)
         if int(labelled.sum()) < 2:
             return None
-        if z is None:
-            z = module.encoder(module.log_expression(batch)[labelled])
-        else:
-            z = z[labelled]
+        z = (module.embed(batch) if z is None else z)[labelled]
         labels = labels[labelled]
         target = supervised_soft_nn_loss(z, labels, module.temperature)
         centroid = centroid_distance_loss(z, labels, module.pca_centroid_distances)
@@ -199,12 +206,9 @@ class ClassifierHeadTrainingPlan(ClassifierTrainingPlan):
     def training_step(self, batch, batch_idx: int):
         batch = merge_minibatches(batch)
         module: CELLULARModule = self.module
-        labelled, labels = _labelled(batch, module.n_labels)
         with torch.no_grad():
-            z = module.encoder(module.log_expression(batch))
-        logits = module.classifier(z)
-        weights = None if self.class_weights is None else self.class_weights.to(z.device)
-        loss = labelled_cross_entropy(logits, labels, labelled, weight=weights)
+            z = module.embed(batch)
+        loss = _head_loss(module, batch, z, self.class_weights)
         n = len(z)
         self.log("train_loss", loss, on_epoch=True, on_step=False, batch_size=n, prog_bar=True)
         self.log("train_classification_loss", loss, on_epoch=True, on_step=False, batch_size=n)
@@ -249,25 +253,12 @@ class JointClassifierTrainingPlan(ContrastiveTrainingPlan):
     def trainable_parameters(self):
         return [*super().trainable_parameters(), *self.module.classifier.parameters()]
 
-    def _classification_loss(self, batch: dict[str, Tensor], z: Tensor, weighted: bool) -> Tensor:
-        module: CELLULARModule = self.module
-        labelled, labels = _labelled(batch, module.n_labels)
-        logits = module.classifier(z)
-        weights = None
-        if weighted and self.class_weights is not None:
-            weights = self.class_weights.to(logits.device)
-        return labelled_cross_entropy(logits, labels, labelled, weight=weights)
-
-    def _embed(self, batch: dict[str, Tensor]) -> Tensor:
-        module: CELLULARModule = self.module
-        return module.encoder(module.log_expression(batch))
-
     def training_step(self, batch, batch_idx: int):
         batch = merge_minibatches(batch)
         # One forward pass (one dropout mask) serves both losses.
-        z = self._embed(batch)
+        z = self.module.embed(batch)
         losses = self.contrastive_losses(batch, z)
-        classification = self._classification_loss(batch, z, weighted=True)
+        classification = _head_loss(self.module, batch, z, self.class_weights)
         contrastive = classification * 0.0 if losses is None else losses["loss"]
         loss = contrastive + self.classification_weight * classification
         n = len(batch[REGISTRY_KEYS.X_KEY])
@@ -278,7 +269,7 @@ class JointClassifierTrainingPlan(ContrastiveTrainingPlan):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int):
-        loss = self._classification_loss(batch, self._embed(batch), weighted=False)
+        loss = _head_loss(self.module, batch, self.module.embed(batch), None)
         n = len(batch[REGISTRY_KEYS.X_KEY])
         self.log("validation_loss", loss, on_epoch=True, batch_size=n, prog_bar=True)
         return loss

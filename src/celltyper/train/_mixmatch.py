@@ -118,14 +118,6 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
         # Log-expression cannot go below zero.
         return (x_l + chosen * amount * shift).clamp_min(0.0)
 
-    def _centred(self, x_log: Tensor, batch: dict, rows: Tensor | None = None) -> Tensor:
-        """``x_log`` (the ``rows`` of the minibatch) centred on its batches when the module
-        centres batches; unchanged otherwise."""
-        if not self.module.batch_centering:
-            return x_log
-        codes = batch[REGISTRY_KEYS.BATCH_KEY].view(-1).long()
-        return self.module.centre_batches(x_log, codes if rows is None else codes[rows])
-
     def training_step(self, batch, batch_idx: int):
         batch = merge_minibatches(batch)
         epoch = self.epoch_progress(batch_idx)
@@ -134,12 +126,13 @@ class MixMatchTrainingPlan(ClassifierTrainingPlan):
         labels = batch[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         is_labelled = labels < module.n_labels
         # Augmentations act on log1p values; batch centring (if on) comes after them.
+        codes = batch[REGISTRY_KEYS.BATCH_KEY].view(-1).long()
         x_log = self._augment(module.log_expression(batch, centre=False))
-        x = self._centred(x_log, batch)
+        x = module.centre_batches(x_log, codes)
         x_l, x_u = x[is_labelled], x[~is_labelled]
         if self.domain_shift_augmentation > 0 and len(x_l) and len(x_u):
             shifted = self._shift_towards_query(x_log[is_labelled], x_log[~is_labelled])
-            x_l = self._centred(shifted, batch, is_labelled)
+            x_l = module.centre_batches(shifted, codes[is_labelled])
         y_l = F.one_hot(labels[is_labelled], module.n_labels).float()
         n_l, n_u = x_l.shape[0], x_u.shape[0]
 

@@ -13,7 +13,6 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
-from scvi import REGISTRY_KEYS
 from scvi.data._constants import _SCVI_UUID_KEY
 
 from ._data import Registration, build_model_data
@@ -301,9 +300,7 @@ class AnnotationMixin:
         """
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-        codes = codes.reshape(-1)
-        labelled = codes < len(self.cell_types)
+        labelled = self._label_codes() < len(self.cell_types)
         held_out = getattr(self, "validation_indices", None)
         candidates = np.asarray(held_out, dtype=int) if held_out is not None else np.array([], int)
         candidates = candidates[labelled[candidates]] if len(candidates) else candidates
@@ -374,10 +371,7 @@ class AnnotationMixin:
             unlabeled = self.registration.unlabeled_category
             return np.where(groups == unlabeled, None, groups)
         if adata is None:
-            codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-            codes = codes.reshape(-1)
-            names = np.asarray([*self.cell_types, None], dtype=object)
-            return names[np.minimum(codes, len(self.cell_types))]
+            return self._registered_labels()
         return self.predict(adata, batch_size=batch_size)
 
 

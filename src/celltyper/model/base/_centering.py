@@ -7,40 +7,25 @@ import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
-
-def row_totals(matrix) -> np.ndarray:
-    """Total of each row of a dense or sparse cells x genes matrix, as float64."""
-    return np.asarray(matrix.sum(axis=1), dtype=np.float64).reshape(-1)
-
-
-def dense_float32(matrix) -> np.ndarray:
-    return np.asarray(matrix.toarray() if sparse.issparse(matrix) else matrix, dtype=np.float32)
-
-
-def log_normalize_matrix(matrix, target_sum: float) -> np.ndarray:
-    """Dense ``log1p(x / total * target_sum)`` of a cells x genes matrix (zero rows stay 0)."""
-    totals = row_totals(matrix)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    if sparse.issparse(matrix):
-        scaled = sparse.diags(scale) @ sparse.csr_matrix(matrix, dtype=np.float64)
-        return np.log1p(scaled.toarray()).astype(np.float32)
-    return np.log1p(np.asarray(matrix, dtype=np.float64) * scale[:, None]).astype(np.float32)
+from ._matrix import log1p_scaled_counts
 
 
 def batch_log_means(
-    matrix, batch_codes: np.ndarray, n_batch: int, target_sum: float | None, chunk: int = 4096
+    matrix, batch_codes: np.ndarray, n_batch: int, target_sum: float | None
 ) -> np.ndarray:
     """Mean model input of each batch, ``(n_batch, n_genes)``; rows of absent batches are 0.
 
     The input is ``log1p(x / total * target_sum)`` of counts, or the values as they are
-    when ``target_sum`` is ``None``. Dense in chunks of ``chunk`` cells only.
+    when ``target_sum`` is ``None``. A sparse matrix stays sparse: the per-batch sums are
+    one product with a sparse batch indicator.
     """
-    sums = np.zeros((n_batch, matrix.shape[1]))
-    for start in range(0, matrix.shape[0], chunk):
-        block = matrix[start : start + chunk]
-        x = dense_float32(block) if target_sum is None else log_normalize_matrix(block, target_sum)
-        indicator = np.eye(n_batch)[batch_codes[start : start + chunk]]
-        sums += indicator.T @ x
+    x = matrix if target_sum is None else log1p_scaled_counts(matrix, target_sum)
+    n_cells = x.shape[0]
+    indicator = sparse.csr_matrix(
+        (np.ones(n_cells), (batch_codes, np.arange(n_cells))), shape=(n_batch, n_cells)
+    )
+    sums = indicator @ x
+    sums = sums.toarray() if sparse.issparse(sums) else np.asarray(sums, dtype=np.float64)
     counts = np.bincount(batch_codes, minlength=n_batch)
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
@@ -60,10 +45,6 @@ class BatchCenteringMixin:
                 "batch_centering=True centres each batch on its own mean, which needs a "
                 "batch_key with at least 2 batches in setup_anndata."
             )
-
-    def _batch_codes(self) -> np.ndarray:
-        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY))
-        return codes.reshape(-1).astype(int)
 
     def _batch_means(self) -> np.ndarray:
         return self.module.batch_means.detach().cpu().numpy()

@@ -319,8 +319,22 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
             self.calibrate_novelty()
 
     def _n_labelled_cells(self) -> int:
+        return int((self._label_codes() < self.n_labels).sum())
+
+    def _label_codes(self) -> np.ndarray:
+        """Registered label code of every cell; ``n_labels`` and above mean unlabelled."""
         codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
-        return int((codes.reshape(-1) < self.n_labels).sum())
+        return codes.reshape(-1).astype(int)
+
+    def _registered_labels(self) -> np.ndarray:
+        """Registered cell type of every cell (``None`` for unlabelled cells)."""
+        names = np.asarray([*self.cell_types, None], dtype=object)
+        return names[np.minimum(self._label_codes(), self.n_labels)]
+
+    def _batch_codes(self) -> np.ndarray:
+        """Registered batch code of every cell."""
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.BATCH_KEY))
+        return codes.reshape(-1).astype(int)
 
     @property
     def _is_query_model(self) -> bool:
