@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
 import shutil
 import sys
 import time
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ._quiet import quiet_run
 from ._specs import TASKS, load_specs
 from ._tasks import DEFAULT_DATA_DIR
 
@@ -94,12 +93,7 @@ def select_methods(names: list[str] | None) -> list:
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     from ._runner import run_benchmark
 
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    quiet_run(args.threads)
     seeds = args.seeds or (QUICK_SEEDS if args.quick else FULL_SEEDS)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     jobs = args.jobs or default_jobs(args.threads)

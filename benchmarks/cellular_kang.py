@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from celltyper.metrics import classification_scores, novelty_auroc
 from celltyper.model import CELLULAR
 
 from ._integration import SUMMARY_COLUMNS, _log_normalised, scib_scores
+from ._quiet import quiet_run
 from ._tasks import (
     DEFAULT_DATA_DIR,
     UNLABELLED,
@@ -192,10 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi", "celltyper"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_run(args.threads, also=("celltyper",))
     results: dict = {}
     if "transfer" in args.parts or "novelty" in args.parts:
         task = kang_control_to_stimulated(args.data_dir)

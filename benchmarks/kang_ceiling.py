@@ -31,20 +31,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.model_selection import StratifiedKFold
 
 from celltyper.metrics import classification_scores, novelty_auroc
 
 from ._methods import FitInput, Method, all_methods, fit_logistic_regression
+from ._quiet import quiet_run
 from ._report import _table
 from ._tasks import DEFAULT_DATA_DIR, UNLABELLED, kang_control_to_stimulated
 
@@ -190,10 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi", "celltyper"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_run(args.threads, also=("celltyper",))
     registry = method_registry()
     unknown = sorted(set(args.methods + args.novelty_methods) - set(registry))
     if unknown:

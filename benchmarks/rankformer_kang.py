@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -33,6 +31,7 @@ from celltyper.data import nonzero_gene_medians, tokenize_matrix
 from celltyper.metrics import classification_scores
 from celltyper.model import RANKFORMER
 
+from ._quiet import quiet_run
 from ._tasks import DEFAULT_DATA_DIR, UNLABELLED, TransferTask, kang_control_to_stimulated
 
 
@@ -201,10 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(1)
+    quiet_run(1)
 
     task = kang_control_to_stimulated(args.data_dir)
     n_ref = int((task.adata.obs["train_label"] != UNLABELLED).sum())

@@ -21,35 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
 from celltyper.metrics import classification_scores
 from celltyper.model import SCATLASVAE
 
 from ._integration import scib_scores
+from ._quiet import quiet_run
 from ._tasks import DEFAULT_DATA_DIR, UNLABELLED, kang_control_to_stimulated, kang_integration
 
 PARTS = ("integration", "surgery", "memory")
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    torch.set_num_threads(1)
 
 
 # -- 1. integration --------------------------------------------------------------------------
@@ -192,7 +183,7 @@ def _peak_rss_kib() -> int:
 
 def _memory_child(path: str, method: str, epochs: int) -> None:
     """Runs in a subprocess: train ``method`` on ``path``; print peak RSS and timing."""
-    _quiet()
+    quiet_run(1)
     adata = ad.read_h5ad(path)
     if method == "SCATLASVAE":
         SCATLASVAE.setup_anndata(adata, batch_key="condition")
@@ -269,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--memory-child", nargs=2, metavar=("PATH", "METHOD"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
-    _quiet()
+    quiet_run(1)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 20)
     if args.memory_child:

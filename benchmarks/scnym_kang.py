@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from celltyper.metrics import classification_scores
 from celltyper.model import SCNYM
 
+from ._quiet import quiet_run
 from ._tasks import DEFAULT_DATA_DIR, UNLABELLED, TransferTask, kang_control_to_stimulated
 
 
@@ -96,9 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_run()
 
     task = kang_control_to_stimulated(args.data_dir)
     n_ref = int((task.adata.obs["train_label"] != UNLABELLED).sum())

@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scanpy as sc
-import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
@@ -39,6 +36,7 @@ import celltyper
 from celltyper.metrics import classification_scores, evaluation_scores
 from celltyper.model import SCPRETRAIN
 
+from ._quiet import quiet_run
 from ._tasks import DEFAULT_DATA_DIR, UNLABELLED, kang_integration
 
 LABEL_FRACTION = 0.05
@@ -186,10 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_run(1)
 
     task = kang_integration(args.data_dir)
     truth = task.adata.obs["true_label"].astype(str).to_numpy()
