@@ -240,7 +240,7 @@ def shared_genes(reference: anndata.AnnData, query: anndata.AnnData) -> pd.Index
         f"{n / n_query:.1%} of the query's {n_query:,}",
     )
     if n == 0:
-        from celltyper.model.base import gene_identifier_type
+        from celltyper._utils import gene_identifier_type
 
         kinds = gene_identifier_type(reference.var_names), gene_identifier_type(query.var_names)
         hint = (
@@ -255,7 +255,7 @@ def shared_genes(reference: anndata.AnnData, query: anndata.AnnData) -> pd.Index
 
 
 def _expression_kind(adata: anndata.AnnData, what: str) -> str:
-    from celltyper.model.base import check_matrix_values
+    from celltyper._utils import check_matrix_values
 
     try:
         return check_matrix_values(adata.X, f"{what}.X")

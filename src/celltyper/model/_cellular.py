@@ -13,6 +13,7 @@ from mudata import MuData
 from scvi import REGISTRY_KEYS
 from sklearn.decomposition import PCA
 
+from celltyper._utils import dense_float32, log1p_scaled_counts, row_totals
 from celltyper.data import LabelledUnlabelledSplitter
 from celltyper.module import CELLULARModule
 from celltyper.train import (
@@ -22,7 +23,6 @@ from celltyper.train import (
 )
 
 from .base import BatchCenteringMixin, CellTyperModel, seeded
-from .base._matrix import dense_float32, log1p_scaled_counts, row_totals
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager, fields
 from sklearn.neighbors import NearestNeighbors
 
+from celltyper._utils import check_labels, check_obs_key
 from celltyper.module import SCATLASVAEModule
 from celltyper.module._scatlasvae import extra_labels_registry_key
 from celltyper.train import AllCellsSplitter, SCATLASVAETrainingPlan
 
 from .base import CellTyperModel, Registration, seeded
 from .base._data import _batch_column, _labels_column, split_modality
-from .base._validation import check_labels, check_obs_key
 
 logger = logging.getLogger(__name__)
 

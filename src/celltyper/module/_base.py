@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
@@ -46,6 +47,32 @@ class CellTyperModule(BaseModuleClass):
         """The expression matrix of a minibatch."""
         return tensors[REGISTRY_KEYS.X_KEY]
 
+    #: Why :meth:`interpretation_input` is not available (a module that implements it
+    #: sets this to ``None``).
+    not_interpretable_reason: str | None = "its module has no differentiable gene input."
+
+    @property
+    def interpretable(self) -> bool:
+        """Whether :meth:`interpretation_input` and its logits are implemented."""
+        return self.not_interpretable_reason is None
+
+    def interpretation_input(self, tensors: dict[str, Tensor]) -> Tensor:
+        """The classifier's input, one value per gene, in which genes are attributed."""
+        raise ValueError(f"Gene attribution is unavailable: {self.not_interpretable_reason}")
+
+    def logits_from_interpretation_input(self, x: Tensor) -> Tensor:
+        """Logits of :meth:`interpretation_input` values; differentiable in ``x``."""
+        raise ValueError(f"Gene attribution is unavailable: {self.not_interpretable_reason}")
+
+    def validation_loss(self, tensors: dict[str, Tensor]) -> LossOutput | None:
+        """The criterion early stopping follows on a validation minibatch.
+
+        The module's loss with its default keywords; ``None`` when the minibatch has
+        nothing to score.
+        """
+        _, _, loss_output = self.forward(tensors)
+        return loss_output
+
     def query_trainable_parameters(self) -> Iterable[str]:
         """Names of parameters fine-tuned on query data after surgery (when not unfrozen)."""
         for module_name, module in self.named_modules():
@@ -80,11 +107,29 @@ class ClassifierModule(CellTyperModule):
         return {}
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy on the labelled cells of the minibatch (the validation criterion)."""
+        """Cross-entropy on the labelled cells of the minibatch."""
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
         labelled = labels < self.n_labels
         loss = labelled_cross_entropy(inference_outputs["logits"], labels, labelled)
-        return LossOutput(loss=loss, n_obs_minibatch=int(labelled.sum()))
+        return LossOutput(
+            loss=loss, n_obs_minibatch=len(labels), extra_metrics={"classification_loss": loss}
+        )
+
+    def validation_loss(self, tensors: dict[str, Tensor]) -> LossOutput | None:
+        """Cross-entropy and accuracy of the held-out labelled cells (``None`` if none)."""
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+        labelled = labels < self.n_labels
+        if not labelled.any():
+            return None
+        logits = self.classify(tensors)[labelled]
+        labels = labels[labelled]
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return LossOutput(
+            loss=loss,
+            n_obs_minibatch=len(labels),
+            extra_metrics={"classification_loss": loss, "accuracy": accuracy},
+        )
 
 
 class LogExpressionClassifier(ClassifierModule):
@@ -149,6 +194,14 @@ class LogExpressionClassifier(ClassifierModule):
         """Logits of log-normalised profiles; differentiable (used by interpretation)."""
         return self.classifier(self.encoder(x_log))
 
+    not_interpretable_reason = None
+
+    def interpretation_input(self, tensors: dict[str, Tensor]) -> Tensor:
+        return self.log_expression(tensors)
+
+    def logits_from_interpretation_input(self, x: Tensor) -> Tensor:
+        return self.logits_from_log_expression(x)
+
     @auto_move_data
     def embed(self, tensors: dict[str, Tensor]) -> Tensor:
         return self.embed_log_expression(self.log_expression(tensors))
@@ -158,7 +211,7 @@ class LogExpressionClassifier(ClassifierModule):
         return self.logits_from_log_expression(self.log_expression(tensors))
 
     # -- BaseModuleClass interface --------------------------------------------------------
-    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
         return {"x_log": self.log_expression(tensors)}
 
     @auto_move_data

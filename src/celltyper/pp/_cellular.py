@@ -6,7 +6,7 @@ import numpy as np
 import scanpy as sc
 from anndata import AnnData
 
-from celltyper.model.base._validation import check_matrix_values, get_matrix, require_counts
+from celltyper._utils import check_matrix_values, get_matrix, require_counts
 
 from ._normalize import log1p_scaled_counts
 

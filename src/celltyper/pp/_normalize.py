@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from anndata import AnnData
 
-from celltyper.model.base._matrix import log1p_scaled_counts
-from celltyper.model.base._validation import check_matrix_values, get_matrix, require_counts
+from celltyper._utils import check_matrix_values, get_matrix, log1p_scaled_counts, require_counts
 
 
 def log1p_cpm(

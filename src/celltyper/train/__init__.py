@@ -1,6 +1,13 @@
 """Training plans for celltyper's modules."""
 
-from ._base import ClassifierTrainingPlan, ModulePlan, make_optimizer
+from ._base import (
+    CellTyperTrainingPlan,
+    ClassifierTrainingPlan,
+    ModulePlan,
+    OptimizerName,
+    loss_terms,
+    merge_minibatches,
+)
 from ._callbacks import RestoreBestWeights
 from ._contrastive import (
     ClassifierHeadTrainingPlan,
@@ -14,6 +21,8 @@ from ._rankformer import RankformerTrainingPlan
 from ._scatlasvae import AllCellsSplitter, SCATLASVAETrainingPlan
 
 __all__ = [
+    "CellTyperTrainingPlan",
+    "OptimizerName",
     "AllCellsSplitter",
     "ClassifierHeadTrainingPlan",
     "ClassifierTrainingPlan",
@@ -27,6 +36,7 @@ __all__ = [
     "RankformerTrainingPlan",
     "RestoreBestWeights",
     "SCATLASVAETrainingPlan",
-    "make_optimizer",
+    "loss_terms",
+    "merge_minibatches",
     "warmup_cosine_factor",
 ]

@@ -1,40 +1,19 @@
-"""Training-plan base shared by celltyper's classifiers."""
+"""The training plan every celltyper model trains with: scvi-tools' ``TrainingPlan``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from scvi import REGISTRY_KEYS
+from scvi.module.base import LossOutput
+from scvi.train import TrainingPlan
 from torch import Tensor
-
-from celltyper.module import CellTyperModule
 
 OptimizerName = Literal["Adam", "AdamW", "Adadelta", "SGD"]
 
-
-def make_optimizer(
-    parameters, name: OptimizerName, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over the trainable ``parameters``."""
-    optimizers: dict[str, Callable] = {
-        "Adam": torch.optim.Adam,
-        "AdamW": torch.optim.AdamW,
-        "Adadelta": torch.optim.Adadelta,
-        "SGD": torch.optim.SGD,
-    }
-    if name not in optimizers:
-        raise ValueError(f"optimizer must be one of {sorted(optimizers)}, got {name!r}.")
-    trainable = [p for p in parameters if p.requires_grad]
-    if not trainable:
-        raise ValueError(
-            "No trainable parameter is left (all were frozen, e.g. by load_query_data). "
-            "Pass unfrozen=True to load_query_data to fine-tune the whole network."
-        )
-    return optimizers[name](trainable, lr=lr, weight_decay=weight_decay)
+#: Optimizers scvi-tools' plan does not name, given to it as an ``optimizer_creator``.
+_EXTRA_OPTIMIZERS = {"Adadelta": torch.optim.Adadelta, "SGD": torch.optim.SGD}
 
 
 def merge_minibatches(batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -46,87 +25,196 @@ def merge_minibatches(batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> dic
     return {key: torch.cat([part[key] for part in batch]) for key in batch[0]}
 
 
-class ModulePlan(pl.LightningModule):
-    """Optimizer set-up and train mode shared by every celltyper training plan.
+def loss_terms(loss_output: LossOutput) -> dict[str, Tensor]:
+    """The weighted terms of a celltyper module's loss: they add up to ``loss_output.loss``.
+
+    A celltyper module reports each term of its objective, already multiplied by its
+    weight, in ``extra_metrics`` under a name ending in ``_loss``; other entries there
+    (weights, accuracies, fractions) are diagnostics.
+    """
+    return {
+        name: value
+        for name, value in (loss_output.extra_metrics or {}).items()
+        if name.endswith("_loss")
+    }
+
+
+class CellTyperTrainingPlan(TrainingPlan):
+    """:class:`scvi.train.TrainingPlan` for celltyper's modules.
+
+    Every step runs ``module.forward(tensors, loss_kwargs=...)`` as scvi-tools does: the
+    objective lives in the module's ``loss``, whose keyword arguments (the method's
+    hyperparameters) are accepted here and passed on (``**loss_kwargs``). A subclass keeps
+    only what needs the step or the epoch, through :meth:`scheduled_loss_kwargs` (a ramp
+    weight, for example). On top of scvi's plan it adds:
+
+    - the optimizers ``"Adadelta"`` and ``"SGD"`` (through scvi's ``optimizer_creator``);
+    - :meth:`trainable_parameters`, the parameters a stage trains;
+    - the list of minibatches of a ``ConcatDataLoader`` (labelled + unlabelled cells)
+      merged into one;
+    - ``module.train()`` at the start of every epoch: scvi's runner and surgery leave
+      the module in eval mode, and Lightning keeps submodule modes, so a second
+      ``train()`` would otherwise run with BatchNorm statistics and dropout frozen;
+    - logging of each named term of the module's ``LossOutput`` (``<term>_train``,
+      ``<term>_validation``), and of scheduled weights.
+
+    Validation asks the module for its validation criterion
+    (:meth:`~celltyper.module.CellTyperModule.validation_loss`, for a classifier the
+    cross-entropy of the held-out labelled cells) and logs it as ``validation_loss``,
+    which early stopping monitors.
 
     Parameters
     ----------
     module
         A :class:`~celltyper.module.CellTyperModule`.
     optimizer
-        Name of the torch optimizer.
+        ``"Adam"``, ``"AdamW"``, ``"Adadelta"`` or ``"SGD"``.
     lr
         Learning rate.
     weight_decay
         L2 penalty of the optimizer.
+    eps
+        ``eps`` of Adam / AdamW (torch's default; scvi-tools' plan defaults to 0.01).
+    **kwargs
+        Keywords of :class:`scvi.train.TrainingPlan` (``n_epochs_kl_warmup``,
+        ``max_kl_weight``, ``reduce_lr_on_plateau``, ...) and of the module's ``loss``.
     """
+
+    #: Whether the module reports a reconstruction loss and KL terms (scvi's ELBO metrics).
+    log_elbo: bool = False
+    #: Loss keywords :meth:`scheduled_loss_kwargs` sets every step (not user settings).
+    scheduled_loss_arguments: tuple[str, ...] = ()
 
     def __init__(
         self,
-        module: CellTyperModule,
+        module,
+        *,
         optimizer: OptimizerName = "Adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        **kwargs,
     ):
-        super().__init__()
-        self.module = module
-        self.optimizer_name = optimizer
-        self.lr = lr
-        self.weight_decay = weight_decay
+        creator = None
+        if optimizer in _EXTRA_OPTIMIZERS:
+            optimizer_cls = _EXTRA_OPTIMIZERS[optimizer]
 
-    def trainable_parameters(self):
+            def creator(params: Iterable[Tensor]) -> torch.optim.Optimizer:
+                return optimizer_cls(params, lr=self.lr, weight_decay=self.weight_decay)
+
+        elif optimizer not in ("Adam", "AdamW", "Custom"):
+            raise ValueError(
+                f"optimizer must be one of ['Adadelta', 'Adam', 'AdamW', 'SGD'], got "
+                f"{optimizer!r}."
+            )
+        kwargs.setdefault("optimizer_creator", creator)
+        super().__init__(
+            module,
+            optimizer="Custom" if creator is not None else optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            **kwargs,
+        )
+        self.optimizer_label = optimizer
+
+    # -- what a stage trains ----------------------------------------------------------------
+    def trainable_parameters(self) -> Iterable[Tensor]:
         """The parameters the optimizer updates (all of the module's by default)."""
         return self.module.parameters()
 
+    def configure_optimizers(self):
+        trainable = [p for p in self.trainable_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "No trainable parameter is left (all were frozen, e.g. by load_query_data). "
+                "Pass unfrozen=True to load_query_data to fine-tune the whole network."
+            )
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"]
+        # scvi's plan hands every module parameter that requires a gradient to the
+        # optimizer; a stage trains its own subset.
+        optimizer.param_groups.clear()
+        optimizer.add_param_group({"params": trainable})
+        return config
+
     def on_train_epoch_start(self) -> None:
-        # scvi's TrainRunner and ArchesMixin leave the module in eval mode after a fit, and
-        # Lightning keeps submodule modes: without this a second train() or a query
-        # fine-tune would run with BatchNorm statistics and dropout frozen.
         self.module.train()
 
-    def configure_optimizers(self):
-        return make_optimizer(
-            self.trainable_parameters(), self.optimizer_name, self.lr, self.weight_decay
-        )
-
-
-class ClassifierTrainingPlan(ModulePlan):
-    """Labelled-cell validation shared by the classifier plans.
-
-    Validation logs ``validation_loss`` (cross-entropy) and ``validation_accuracy`` on the
-    labelled cells of the validation set; early stopping monitors ``validation_loss``.
-    Parameters are those of :class:`ModulePlan`.
-    """
-
-    def __init__(
-        self,
-        module: CellTyperModule,
-        optimizer: OptimizerName = "Adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-    ):
-        super().__init__(module, optimizer, lr, weight_decay)
-        # Set by scvi's TrainRunner; kept so the plan behaves like scvi's own plans.
-        self.n_obs_training: int | None = None
-        self.n_obs_validation: int | None = None
+    # -- steps ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """The module's forward pass (inference, generative step and loss)."""
+        return self.module(*args, **kwargs)
 
     def epoch_progress(self, batch_idx: int) -> float:
         """Current epoch as a float, so ramps move smoothly within an epoch."""
-        n_batches = self.trainer.num_training_batches if self.trainer is not None else 0
+        n_batches = self.trainer.num_training_batches if self._trainer is not None else 0
         if not n_batches or n_batches == float("inf"):
             return float(self.current_epoch)
         return self.current_epoch + batch_idx / n_batches
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int):
-        labels = batch[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
-        labelled = labels < self.module.n_labels
-        if not labelled.any():
+    def scheduled_loss_kwargs(self, batch_idx: int) -> dict[str, Any]:
+        """Loss keywords that change during training (logged each epoch); none by default."""
+        return {}
+
+    def training_step(self, batch, batch_idx: int):
+        batch = merge_minibatches(batch)
+        scheduled = self.scheduled_loss_kwargs(batch_idx)
+        if "kl_weight" in self.loss_kwargs:
+            scheduled["kl_weight"] = self.kl_weight
+        _, _, loss_output = self.forward(batch, loss_kwargs={**self.loss_kwargs, **scheduled})
+        n = loss_output.n_obs_minibatch
+        self.log(
+            "train_loss",
+            loss_output.loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=n,
+            sync_dist=self.use_sync_dist,
+        )
+        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
+        for name, value in scheduled.items():
+            self.log(name, float(value), on_step=False, on_epoch=True, batch_size=n)
+        return loss_output.loss
+
+    def validation_loss_output(self, batch: dict[str, Tensor]) -> LossOutput | None:
+        """The validation criterion of a minibatch (``None``: nothing to score in it)."""
+        return self.module.validation_loss(batch)
+
+    def validation_step(self, batch, batch_idx: int):
+        loss_output = self.validation_loss_output(merge_minibatches(batch))
+        if loss_output is None:
             return None
-        logits = self.module.classify(batch)[labelled]
-        labels = labels[labelled]
-        n = int(labelled.sum())
-        loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        self.log("validation_loss", loss, on_epoch=True, batch_size=n, prog_bar=True)
-        self.log("validation_accuracy", accuracy, on_epoch=True, batch_size=n)
-        return loss
+        self.log(
+            "validation_loss",
+            loss_output.loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=loss_output.n_obs_minibatch,
+            sync_dist=self.use_sync_dist,
+        )
+        self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
+        return loss_output.loss
+
+    @torch.inference_mode()
+    def compute_and_log_metrics(self, loss_output: LossOutput, metrics, mode: str) -> None:
+        """scvi's ELBO metrics (for modules with a likelihood) and every extra metric."""
+        if self.log_elbo:
+            super().compute_and_log_metrics(loss_output, metrics, mode)
+            return
+        for name, value in (loss_output.extra_metrics or {}).items():
+            value = value.detach() if isinstance(value, Tensor) else value
+            self.log(
+                f"{name}_{mode}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=loss_output.n_obs_minibatch,
+                sync_dist=self.use_sync_dist,
+            )
+
+
+# Transitional names, removed once every plan derives from CellTyperTrainingPlan.
+ModulePlan = ClassifierTrainingPlan = CellTyperTrainingPlan

@@ -1,24 +1,37 @@
 """The shared model contract: annotation, query mapping, input checks."""
 
+from celltyper._utils import (
+    GeneOverlap,
+    align_genes,
+    check_labels,
+    check_matrix_values,
+    gene_identifier_type,
+    seeded,
+)
+
 from ._annotation import AnnotationMixin
 from ._centering import BatchCenteringMixin
 from ._data import Registration, build_model_data
-from ._genes import GeneOverlap, align_genes, gene_identifier_type
-from ._model import CellTyperModel, seeded
+from ._fields import FieldFactory
+from ._model import CellTyperModel
 from ._query import QueryMixin
-from ._validation import check_labels, check_matrix_values
+from ._training import TrainingMixin, TrainingStage, plan_parameters
 
 __all__ = [
     "AnnotationMixin",
     "BatchCenteringMixin",
     "CellTyperModel",
+    "FieldFactory",
     "GeneOverlap",
     "QueryMixin",
     "Registration",
+    "TrainingMixin",
+    "TrainingStage",
     "align_genes",
     "build_model_data",
     "check_labels",
     "check_matrix_values",
     "gene_identifier_type",
+    "plan_parameters",
     "seeded",
 ]

@@ -7,7 +7,7 @@ import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
-from ._matrix import log1p_scaled_counts
+from celltyper._utils import log1p_scaled_counts
 
 
 def batch_log_means(

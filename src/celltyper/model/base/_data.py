@@ -19,8 +19,13 @@ from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 
-from ._genes import align_genes
-from ._validation import InputKind, check_matrix_values, check_not_empty, get_matrix
+from celltyper._utils import (
+    InputKind,
+    align_genes,
+    check_matrix_values,
+    check_not_empty,
+    get_matrix,
+)
 
 QUERY_BATCH = "query"
 

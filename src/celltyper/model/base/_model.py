@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-import random
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 import numpy as np
-import torch
 from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager, fields
+from scvi.data import AnnDataManager
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 
-from celltyper.train import RestoreBestWeights
-
-from ._annotation import AnnotationMixin
-from ._data import split_modality
-from ._query import QueryMixin
-from ._validation import (
+from celltyper._utils import (
     InputKind,
     check_labels,
     check_matrix_values,
@@ -33,34 +23,26 @@ from ._validation import (
     require_counts,
 )
 
+from ._annotation import AnnotationMixin
+from ._data import split_modality
+from ._fields import FieldFactory
+from ._interpret import InterpretMixin
+from ._query import QueryMixin
+from ._training import TrainingMixin
+
 logger = logging.getLogger(__name__)
 
-
-@contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Seed python, numpy and torch inside the block, restoring the caller's RNG after."""
-    if seed is None:
-        yield
-        return
-    # The legacy global numpy state is what third-party code (scanpy, sklearn) draws from.
-    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed)  # noqa: NPY002
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)  # noqa: NPY002
+#: Keywords of scvi-tools' registration (query transfer), not of the model's setup.
+_REGISTRATION_KEYWORDS = ("source_registry", "extend_categories", "allow_missing_labels")
 
 
-class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
+class CellTyperModel(TrainingMixin, InterpretMixin, AnnotationMixin, QueryMixin, BaseModelClass):
     """Base class of celltyper's models.
 
-    A subclass sets the class attributes below, builds its module in ``__init__`` (after
-    ``super().__init__(adata)`` and :meth:`_init_data_checks`) and implements ``train``
-    with :meth:`_run_training`.
+    A subclass sets the class attributes below and builds its module in ``__init__``
+    (after ``super().__init__(adata)`` and :meth:`_init_data_checks`). It trains through
+    the one ``train()`` of :class:`~celltyper.model.base.TrainingMixin`, declaring its
+    stages and defaults there.
 
     Attributes
     ----------
@@ -107,29 +89,17 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
             Layer holding the expression; ``None`` uses ``X``.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        transferring = "source_registry" in kwargs
-        cls._check_setup_inputs(
-            adata, adata.obs, layer, labels_key, unlabeled_category, batch_key, transferring
+        setup = {k: v for k, v in locals().items() if k not in ("cls", "adata", "kwargs")}
+        setup.pop("setup_method_args")
+        cls._register(
+            adata, adata, adata.obs, FieldFactory(), setup_method_args, {**setup, **kwargs}
         )
-        anndata_fields = [
-            fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
-            fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            fields.LabelsWithUnlabeledObsField(
-                REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category
-            ),
-        ]
-        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        cls.register_manager(adata_manager)
 
     @classmethod
     def setup_mudata(
         cls,
         mdata: MuData,
         rna_layer: str | None = None,
-        labels_key: str | None = None,
-        unlabeled_category: str = "Unknown",
-        batch_key: str | None = None,
         modalities: dict[str, str] | None = None,
         **kwargs,
     ):
@@ -141,42 +111,81 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
             MuData holding an RNA modality.
         rna_layer
             Layer of the RNA modality with the expression; ``None`` uses its ``X``.
-        labels_key, unlabeled_category, batch_key
-            As in :meth:`setup_anndata`, read from ``mdata.obs``.
         modalities
             ``{"rna_layer": name}``, the RNA modality; defaults to ``"rna"``.
+        **kwargs
+            The keywords of :meth:`setup_anndata` (``labels_key``, ``batch_key``, ...),
+            whose obs columns are read from ``mdata.obs``.
         """
-        setup_method_args = cls._get_setup_method_args(**locals())
         modalities = {"rna_layer": "rna"} if modalities is None else dict(modalities)
         if "rna_layer" not in modalities:
-            raise ValueError("modalities must name the RNA modality: {'rna_layer': 'rna'}.")
-        setup_method_args["setup_args"]["modalities"] = modalities
-        rna_modality = modalities["rna_layer"]
-        transferring = "source_registry" in kwargs
-        rna, obs = split_modality(mdata, rna_modality)
-        cls._check_setup_inputs(
-            rna, obs, rna_layer, labels_key, unlabeled_category, batch_key, transferring
+            raise ValueError(
+                f"modalities must name the RNA modality, e.g. {{'rna_layer': 'rna'}}; got "
+                f"{modalities!r}."
+            )
+        setup = {k: v for k, v in kwargs.items() if k not in _REGISTRATION_KEYWORDS}
+        setup_method_args = cls._get_setup_method_args(
+            cls=cls, mdata=mdata, rna_layer=rna_layer, modalities=modalities, **setup
         )
-        mudata_fields = [
-            fields.MuDataLayerField(
-                REGISTRY_KEYS.X_KEY,
-                rna_layer,
-                mod_key=rna_modality,
-                is_count_data=False,
-                mod_required=True,
-            ),
-            fields.MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=None),
-            fields.MuDataLabelsWithUnlabeledObsField(
-                REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category, mod_key=None
-            ),
-        ]
-        adata_manager = AnnDataManager(fields=mudata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(mdata, **kwargs)
+        rna, obs = split_modality(mdata, modalities["rna_layer"])
+        factory = FieldFactory(modalities["rna_layer"])
+        cls._register(mdata, rna, obs, factory, setup_method_args, {**kwargs, "layer": rna_layer})
+
+    @classmethod
+    def _register(cls, data, rna, obs, make: FieldFactory, setup_method_args, kwargs) -> None:
+        """Check the inputs, build the model's fields and register ``data``."""
+        registration = {k: kwargs.pop(k) for k in _REGISTRATION_KEYWORDS if k in kwargs}
+        transferring = "source_registry" in registration
+        setup = cls._setup_keywords(kwargs)
+        cls._check_setup_inputs(rna, obs, transferring=transferring, **setup)
+        adata_manager = AnnDataManager(
+            fields=cls._setup_fields(make, **setup), setup_method_args=setup_method_args
+        )
+        adata_manager.register_fields(data, **registration)
         cls.register_manager(adata_manager)
 
     @classmethod
+    def _setup_keywords(cls, kwargs: dict) -> dict:
+        """The setup keywords with their defaults; an unknown one raises a TypeError."""
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(cls.setup_anndata).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        unknown = sorted(set(kwargs) - set(defaults))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__} setup got unexpected keyword arguments {unknown}; valid: "
+                f"{sorted(defaults)}."
+            )
+        return {**defaults, **kwargs}
+
+    @classmethod
+    def _setup_fields(
+        cls,
+        make: FieldFactory,
+        layer: str | None,
+        labels_key: str | None,
+        unlabeled_category: str,
+        batch_key: str | None,
+    ) -> list:
+        """The registry fields of the model, built with ``make`` (AnnData or MuData)."""
+        return [
+            make.layer(REGISTRY_KEYS.X_KEY, layer),
+            make.categorical(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            make.labels(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
+        ]
+
+    @classmethod
     def _check_setup_inputs(
-        cls, rna, obs, layer, labels_key, unlabeled_category, batch_key, transferring
+        cls,
+        rna,
+        obs,
+        layer: str | None,
+        labels_key: str | None,
+        unlabeled_category: str,
+        batch_key: str | None,
+        transferring: bool,
     ) -> None:
         check_not_empty(rna)
         check_obs_key(obs, batch_key, "batch_key")
@@ -249,74 +258,6 @@ class CellTyperModel(AnnotationMixin, QueryMixin, BaseModelClass):
     def _resolve_seed(self, seed: int | None) -> int:
         """``seed``, or the seed the model was constructed with when it is ``None``."""
         return int(self.init_params_["non_kwargs"]["seed"] if seed is None else seed)
-
-    def _start_fresh_history(self) -> None:
-        """Forget the curves of the previous fit before a stage that logs other curves.
-
-        scvi's runner appends a trained model's new curves to the old ones and drops the
-        curves the old history lacks, so a method that trains in stages (pretraining,
-        then fine-tuning) starts each stage from an empty history; the runner sets
-        ``is_trained_`` again at its end.
-        """
-        self.history_ = None
-        self.is_trained_ = False
-
-    def _run_training(
-        self,
-        training_plan,
-        data_splitter,
-        max_epochs: int,
-        *,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        early_stopping: bool = True,
-        early_stopping_patience: int = 20,
-        min_epochs: int | None = None,
-        restore_best_weights: bool = True,
-        seed: int | None = 0,
-        calibrate: bool = True,
-        monitor: str = "validation_loss",
-        monitor_mode: Literal["min", "max"] = "min",
-        **trainer_kwargs,
-    ) -> None:
-        """Fit ``training_plan`` with scvi-tools' runner, then calibrate novelty.
-
-        Early stopping and :class:`~celltyper.train.RestoreBestWeights` follow the logged
-        metric ``monitor``, minimised or maximised as ``monitor_mode`` says.
-        """
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
-        has_validation = data_splitter.n_val > 0
-        if early_stopping and not has_validation:
-            warnings.warn(
-                "No held-out labelled cells: early stopping is off.", UserWarning, stacklevel=3
-            )
-            early_stopping = False
-        callbacks = list(trainer_kwargs.pop("callbacks", []))
-        if restore_best_weights and has_validation:
-            callbacks.append(RestoreBestWeights(monitor, monitor_mode))
-        if has_validation:
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        runner = TrainRunner(
-            self,
-            training_plan=training_plan,
-            data_splitter=data_splitter,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            early_stopping_monitor=monitor,
-            early_stopping_mode=monitor_mode,
-            early_stopping_patience=early_stopping_patience,
-            min_epochs=min(min_epochs or 0, max_epochs),
-            callbacks=callbacks,
-            **trainer_kwargs,
-        )
-        with seeded(seed):
-            runner()
-        # A query fine-tuned without labelled cells keeps the reference's threshold.
-        if calibrate and self._n_labelled_cells() > 0:
-            self.calibrate_novelty()
 
     def _n_labelled_cells(self) -> int:
         return int((self._label_codes() < self.n_labels).sum())

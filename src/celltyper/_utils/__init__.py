@@ -1,0 +1,32 @@
+"""Private helpers below ``pp``, ``model`` and the command line: input validation,
+normalisation, gene alignment and seeding. Nothing here imports the rest of celltyper."""
+
+from ._genes import GeneOverlap, align_genes, gene_identifier_type
+from ._matrix import dense_float32, log1p_scaled_counts, row_totals
+from ._seed import seeded
+from ._validation import (
+    InputKind,
+    check_labels,
+    check_matrix_values,
+    check_not_empty,
+    check_obs_key,
+    get_matrix,
+    require_counts,
+)
+
+__all__ = [
+    "GeneOverlap",
+    "InputKind",
+    "align_genes",
+    "check_labels",
+    "check_matrix_values",
+    "check_not_empty",
+    "check_obs_key",
+    "dense_float32",
+    "gene_identifier_type",
+    "get_matrix",
+    "log1p_scaled_counts",
+    "require_counts",
+    "row_totals",
+    "seeded",
+]

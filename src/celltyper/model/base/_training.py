@@ -1,0 +1,369 @@
+"""One training path for every celltyper model: ``train()`` written once."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import scvi.train
+from scvi.model._utils import get_max_epochs_heuristic
+from scvi.train import TrainRunner
+
+from celltyper._utils import seeded
+from celltyper.train import RestoreBestWeights
+
+#: Arguments of a module's ``loss`` that are data, not hyperparameters.
+_LOSS_DATA_ARGUMENTS = {"self", "tensors", "inference_outputs", "generative_outputs"}
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One fit of the module by scvi-tools' ``TrainRunner``.
+
+    A model trains through the stages that :meth:`TrainingMixin._training_stages`
+    returns, in order (one for most models; CELLULAR trains an encoder, then a classifier;
+    SCPRETRAIN pretrains on pseudo-labels, then fine-tunes).
+
+    Parameters
+    ----------
+    name
+        Name of the stage (``"train"``, ``"pretrain"``, ...).
+    plan_cls
+        Its training plan, a :class:`~celltyper.train.CellTyperTrainingPlan`.
+    max_epochs
+        Default epochs; ``None`` uses scvi-tools' heuristic from the number of cells.
+    epochs_option
+        A ``train()`` keyword that sets this stage's epochs alone (e.g.
+        ``"pretrain_epochs"``); otherwise ``train(max_epochs=...)`` sets them.
+    plan_kwargs
+        Settings of this stage's plan, under the user's ``plan_kwargs``.
+    splitter_kwargs
+        Keywords of the model's data splitter for this stage (``include_unlabelled``,
+        ``balance_classes``, ...), under the user's ``datasplitter_kwargs``.
+    monitor, monitor_mode
+        Logged metric that early stopping and best-weight restoring follow, and whether
+        it is minimised or maximised.
+    early_stopping_patience
+        Default patience of the early stopping.
+    min_epochs
+        Epochs before early stopping may stop the stage.
+    keep_history_as
+        Attribute of the model that keeps this stage's curves (``history`` holds the last
+        stage's).
+    """
+
+    name: str
+    plan_cls: type
+    max_epochs: int | None = None
+    epochs_option: str | None = None
+    plan_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    splitter_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    monitor: str = "validation_loss"
+    monitor_mode: Literal["min", "max"] = "min"
+    early_stopping_patience: int = 20
+    min_epochs: int = 0
+    keep_history_as: str | None = None
+
+
+def plan_parameters(plan_cls: type, module=None) -> set[str]:
+    """Keyword arguments a training plan accepts, the module's loss keywords included.
+
+    scvi-tools' plan passes its unknown keywords to ``module.loss``, so the method's
+    hyperparameters are declared once, in the plan's or the loss's signature.
+    """
+    names: set[str] = set()
+    for cls in plan_cls.__mro__:
+        if cls is object or not issubclass(cls, pl.LightningModule):
+            continue
+        if cls is pl.LightningModule:
+            break
+        names |= _keyword_names(cls.__init__)
+    if module is not None:
+        names |= _keyword_names(module.loss) - _LOSS_DATA_ARGUMENTS
+    # Loss keywords the plan sets every step (ramps) cannot be set by users.
+    return names - {"self", "module", *getattr(plan_cls, "scheduled_loss_arguments", ())}
+
+
+def _keyword_names(function) -> set[str]:
+    parameters = inspect.signature(function).parameters.values()
+    return {
+        p.name
+        for p in parameters
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
+
+
+def trainer_parameters() -> set[str]:
+    """Keywords of scvi-tools' ``Trainer`` (and so of Lightning's ``Trainer``)."""
+    names = _keyword_names(scvi.train.Trainer.__init__) | _keyword_names(pl.Trainer.__init__)
+    return (names | {"ckpt_path", "callbacks"}) - {"self", "max_epochs"}
+
+
+class TrainingMixin:
+    """``train()`` for every celltyper model, with scvi-tools' conventions.
+
+    A model declares:
+
+    - ``_training_plan_cls`` and ``_data_splitter_cls``;
+    - ``_train_defaults``: its defaults of the shared options (``batch_size``,
+      ``validation_size``, ``early_stopping``);
+    - ``_train_options``: the names and defaults of options that choose its stages
+      (SCNYM's ``config``, SCPRETRAIN's ``pretrain``), read by
+      :meth:`_training_stages`;
+    - :meth:`_training_stages`: the stages one ``train()`` call runs;
+    - :meth:`_stage_plan_kwargs`: plan arguments computed from the data (class
+      weights, ...), and :meth:`_stage_data` when a stage trains on other data than the
+      model's splitter gives.
+    """
+
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 128,
+        "validation_size": 0.1,
+        "early_stopping": True,
+    }
+    _train_options: ClassVar[dict[str, Any]] = {}
+
+    # -- hooks a model overrides ---------------------------------------------------------------
+    def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:
+        """The stages one ``train()`` call runs (one stage with the model's plan)."""
+        return [TrainingStage("train", self._training_plan_cls)]
+
+    def _stage_plan_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:
+        """Plan arguments computed for ``stage`` from the data (none by default)."""
+        return {}
+
+    def _stage_data(self, stage: TrainingStage, splitter_kwargs: dict[str, Any]):
+        """The data module ``stage`` trains on: the model's splitter by default."""
+        return self._make_splitter(**splitter_kwargs)
+
+    # -- the one training path -----------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        batch_size: int | None = None,
+        early_stopping: bool | None = None,
+        restore_best_weights: bool = True,
+        seed: int | None = None,
+        plan_kwargs: dict[str, Any] | None = None,
+        datasplitter_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
+        """Train the model, then calibrate its novelty threshold.
+
+        Every celltyper model trains through this method. A model that trains in stages
+        (see its docstring) runs each stage through scvi-tools' ``TrainRunner`` in turn.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs of every stage; ``None`` uses the model's default for each stage, or
+            scvi-tools' heuristic from the number of cells (``min(400, 20000 / n * 400)``)
+            where the model declares none.
+        accelerator, devices
+            As in scvi-tools (``"auto"``, ``"cpu"``, ``"gpu"``; a number or list of
+            devices). Several devices need an explicit ``strategy`` (e.g.
+            ``strategy="ddp_find_unused_parameters_true"``).
+        train_size, validation_size
+            Share of each labelled cell type used for training, or held out for early
+            stopping and the novelty calibration (give one; they add up to 1).
+        batch_size
+            Cells per minibatch; ``None`` uses the model's default.
+        early_stopping
+            Stop a stage when its validation criterion has not improved for
+            ``early_stopping_patience`` epochs; ``None`` uses the model's default.
+        restore_best_weights
+            End each stage with the weights of its best validation epoch.
+        seed
+            Seed of the split, the minibatches and the augmentations; defaults to the
+            model's ``seed``. The caller's random state is restored afterwards.
+        plan_kwargs
+            Keywords of the training plans and of the module's loss (the method's
+            hyperparameters, e.g. ``lr``); each stage takes those its plan accepts.
+        datasplitter_kwargs
+            Keywords of the data splitter (e.g. ``balance_classes``).
+        **kwargs
+            The model's own training options (see its docstring), hyperparameters
+            accepted by ``plan_kwargs`` given by name, or keywords of scvi-tools' and
+            Lightning's ``Trainer`` (``strategy``, ``callbacks``, ``logger``,
+            ``enable_progress_bar``, ``early_stopping_patience``, ...). Any other name
+            raises a ``TypeError`` that lists the valid ones.
+        """
+        options, plan_kwargs, trainer_kwargs = self._route_train_kwargs(kwargs, plan_kwargs)
+        stages = self._training_stages(options)
+        shared = {
+            "validation_size": self._resolve_validation_size(train_size, validation_size),
+            "batch_size": self._train_defaults["batch_size"] if batch_size is None else batch_size,
+            "seed": self._resolve_seed(seed),
+        }
+        if early_stopping is None:
+            early_stopping = self._train_defaults["early_stopping"]
+        for stage in stages:
+            self._run_stage(
+                stage,
+                max_epochs=self._stage_epochs(stage, max_epochs, options),
+                shared=shared,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs or {},
+                accelerator=accelerator,
+                devices=devices,
+                early_stopping=early_stopping,
+                restore_best_weights=restore_best_weights,
+                trainer_kwargs=trainer_kwargs,
+            )
+        # A query fine-tuned without labelled cells keeps the reference's threshold.
+        if self.is_trained_ and self.n_labels and self._n_labelled_cells() > 0:
+            self.calibrate_novelty()
+
+    def _route_train_kwargs(
+        self, kwargs: dict[str, Any], plan_kwargs: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Split ``train()``'s keywords into stage options, plan and trainer keywords."""
+        options = dict(self._train_options)
+        plan = dict(plan_kwargs or {})
+        trainer: dict[str, Any] = {}
+        plan_names = self._plan_parameter_names()
+        trainer_names = trainer_parameters()
+        unknown = sorted(set(plan) - plan_names)
+        for name, value in kwargs.items():
+            if name in options:
+                options[name] = value
+            elif name in plan_names:
+                plan[name] = value
+            elif name in trainer_names:
+                trainer[name] = value
+            else:
+                unknown.append(name)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.train() got unexpected keyword arguments {unknown}. "
+                f"Training options: {sorted(options) or 'none'}; hyperparameters (also as "
+                f"plan_kwargs): {sorted(plan_names)}; any keyword of scvi-tools' or "
+                "Lightning's Trainer."
+            )
+        return options, plan, trainer
+
+    def _plan_parameter_names(self) -> set[str]:
+        """Hyperparameters of every plan this model may train with."""
+        plans = {self._training_plan_cls, *self._extra_plan_classes()}
+        names: set[str] = set()
+        for plan_cls in plans:
+            names |= plan_parameters(plan_cls, self.module)
+        return names - self._computed_plan_arguments()
+
+    def _extra_plan_classes(self) -> tuple[type, ...]:
+        """Plans of stages other than ``_training_plan_cls`` (for keyword checking)."""
+        return ()
+
+    def _computed_plan_arguments(self) -> set[str]:
+        """Plan arguments the model computes itself, which users cannot pass."""
+        return set()
+
+    def _resolve_validation_size(
+        self, train_size: float | None, validation_size: float | None
+    ) -> float:
+        if train_size is None and validation_size is None:
+            return float(self._train_defaults["validation_size"])
+        if validation_size is None:
+            validation_size = 1.0 - float(train_size)
+        if train_size is not None and abs(float(train_size) + validation_size - 1.0) > 1e-9:
+            raise ValueError(
+                f"train_size ({train_size}) and validation_size ({validation_size}) must add "
+                "up to 1: every labelled cell is used for one or the other."
+            )
+        if not 0.0 <= validation_size < 1.0:
+            raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
+        return float(validation_size)
+
+    def _stage_epochs(
+        self, stage: TrainingStage, max_epochs: int | None, options: dict[str, Any]
+    ) -> int:
+        epochs = options.get(stage.epochs_option) if stage.epochs_option else None
+        if epochs is None:
+            epochs = max_epochs
+        if epochs is None:
+            epochs = stage.max_epochs
+        if epochs is None:
+            epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        if int(epochs) != epochs or epochs < 1:
+            name = stage.epochs_option if stage.epochs_option in options else "max_epochs"
+            raise ValueError(f"{name} must be a whole number >= 1, got {epochs!r}.")
+        return int(epochs)
+
+    def _run_stage(
+        self,
+        stage: TrainingStage,
+        *,
+        max_epochs: int,
+        shared: dict[str, Any],
+        plan_kwargs: dict[str, Any],
+        datasplitter_kwargs: dict[str, Any],
+        accelerator,
+        devices,
+        early_stopping: bool,
+        restore_best_weights: bool,
+        trainer_kwargs: dict[str, Any],
+    ) -> None:
+        """Fit one stage with scvi-tools' runner."""
+        splitter_kwargs = {**shared, **stage.splitter_kwargs, **datasplitter_kwargs}
+        datamodule = self._stage_data(stage, splitter_kwargs)
+        accepted = plan_parameters(stage.plan_cls, self.module)
+        plan = stage.plan_cls(
+            self.module,
+            **{
+                **self._stage_plan_kwargs(stage, datamodule),
+                **stage.plan_kwargs,
+                **{k: v for k, v in plan_kwargs.items() if k in accepted},
+            },
+        )
+        trainer_kwargs = dict(trainer_kwargs)
+        has_validation = getattr(datamodule, "n_val", 0) > 0
+        if early_stopping and not has_validation:
+            warnings.warn(
+                f"No held-out labelled cells for stage {stage.name!r}: early stopping is off.",
+                UserWarning,
+                stacklevel=4,
+            )
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        if restore_best_weights and has_validation:
+            callbacks.append(RestoreBestWeights(stage.monitor, stage.monitor_mode))
+        if has_validation:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        trainer_kwargs.setdefault("early_stopping_patience", stage.early_stopping_patience)
+        trainer_kwargs.setdefault("min_epochs", min(stage.min_epochs, max_epochs))
+        self._start_fresh_history()
+        runner = TrainRunner(
+            self,
+            training_plan=plan,
+            data_splitter=datamodule,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping and has_validation,
+            early_stopping_monitor=stage.monitor,
+            early_stopping_mode=stage.monitor_mode,
+            callbacks=callbacks,
+            **trainer_kwargs,
+        )
+        with seeded(shared["seed"]):
+            runner()
+        if stage.keep_history_as:
+            setattr(self, stage.keep_history_as, self.history_)
+
+    def _start_fresh_history(self) -> None:
+        """Forget the curves of the previous fit before a stage.
+
+        scvi's runner appends a trained model's new curves to the old ones and drops the
+        curves the old history lacks, so each stage starts from an empty history; the
+        runner sets ``is_trained_`` again at its end.
+        """
+        self.history_ = None
+        self.is_trained_ = False
