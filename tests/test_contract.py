@@ -9,8 +9,10 @@ constructor kwargs in ``conftest._TINY_BY_MODEL`` if the generic ones do not app
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import lightning.pytorch as pl
 import mudata as md
 import numpy as np
 import pandas as pd
@@ -27,8 +29,10 @@ from conftest import (
     tiny_kwargs,
     train_kwargs,
 )
+from scvi.module.base import LossOutput
 
 import celltyper.model
+from celltyper.train import loss_terms
 
 MODEL_NAMES = list(celltyper.model.__all__)
 
@@ -110,7 +114,6 @@ def test_predict_soft_probabilities(trained):
     assert list(soft.columns) == model.cell_types
     assert soft.index.equals(adata.obs_names)
     np.testing.assert_allclose(soft.sum(axis=1).to_numpy(), 1.0, atol=1e-5)
-    assert ((soft.to_numpy() >= 0) & (soft.to_numpy() <= 1)).all()
     # Hard predictions are the most probable class.
     np.testing.assert_array_equal(model.predict(), soft.idxmax(axis=1).to_numpy())
     # indices give the matching rows, indexed by their obs names.
@@ -362,6 +365,87 @@ def test_second_train_runs_module_in_train_mode(model_cls, raw_data, monkeypatch
     modes = _record_training_modes(monkeypatch, model)
     model.train(**train_kwargs(model_cls, max_epochs=1))
     assert modes and all(modes), f"module.training during the second fit: {modes}"
+
+
+# -- the one training path -----------------------------------------------------------------
+class _PlanRecorder(pl.Callback):
+    """Records, for every stage a ``train()`` call runs, its plan's class and settings."""
+
+    def __init__(self):
+        self.plans: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.plans.append(
+            {
+                "cls": type(pl_module),
+                "lr": pl_module.lr,
+                "loss_kwargs": dict(pl_module.loss_kwargs),
+            }
+        )
+
+
+def test_train_without_arguments(model_cls, counts_adata_factory):
+    adata = counts_adata_factory(cells_per=8, n_genes=40)
+    model_cls.setup_anndata(adata, **_setup_kwargs())
+    model = model_cls(adata, **tiny_kwargs(model_cls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train()
+    assert model.is_trained_
+    assert len(model.predict()) == adata.n_obs
+    assert model.novelty_threshold_ is not None
+
+
+def test_plan_kwargs_reach_every_stage(model_cls, raw_data):
+    adata = raw_data.copy()
+    model_cls.setup_anndata(adata, **_setup_kwargs())
+    model = model_cls(adata, **tiny_kwargs(model_cls))
+    recorder = _PlanRecorder()
+    kwargs = train_kwargs(model_cls, max_epochs=1)
+    kwargs.pop("lr", None)
+    model.train(**kwargs, plan_kwargs={"lr": 0.0123}, callbacks=[recorder])
+    assert recorder.plans, "no stage ran"
+    assert all(plan["lr"] == 0.0123 for plan in recorder.plans), recorder.plans
+    # The same hyperparameter given by name reaches the plans too.
+    model.train(**kwargs, lr=0.0456, callbacks=[recorder])
+    assert recorder.plans[-1]["lr"] == 0.0456
+
+
+def test_unknown_training_keyword_raises(trained):
+    model, _ = trained
+    with pytest.raises(TypeError, match="not_a_setting") as error:
+        model.train(max_epochs=1, not_a_setting=3)
+    assert "lr" in str(error.value), "the error must list the valid hyperparameters"
+    with pytest.raises(TypeError, match="bogus"):
+        model.train(max_epochs=1, plan_kwargs={"bogus": 1})
+    with pytest.raises(ValueError, match="max_epochs"):
+        model.train(max_epochs=0)
+    with pytest.raises(ValueError, match="train_size"):
+        model.train(max_epochs=1, train_size=0.8, validation_size=0.5)
+
+
+def test_history_holds_train_and_validation_loss(trained):
+    model, _ = trained
+    history = model.history
+    for curve in ("train_loss", "validation_loss"):
+        assert curve in history, f"history lacks {curve}: {sorted(history)}"
+        values = history[curve].to_numpy().ravel()
+        assert len(values) >= 1 and np.isfinite(values.astype(float)).all()
+
+
+def test_module_forward_returns_loss_output_whose_terms_add_up(trained):
+    model, adata = trained
+    loader = model._make_data_loader(adata=adata, batch_size=64, shuffle=False)
+    tensors = next(iter(loader))
+    # A copy: a training-mode pass moves BatchNorm statistics of the shared fixture.
+    module = copy.deepcopy(model.module).train()
+    torch.manual_seed(0)
+    _, _, output = module(tensors)
+    assert isinstance(output, LossOutput)
+    terms = loss_terms(output)
+    assert terms, f"the loss names no term: {sorted(output.extra_metrics)}"
+    torch.testing.assert_close(output.loss.detach(), sum(t.detach() for t in terms.values()))
+    assert output.loss.requires_grad
 
 
 # -- save / load, seeds -------------------------------------------------------------------------

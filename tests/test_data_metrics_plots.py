@@ -194,10 +194,15 @@ def test_kang_pbmc_provenance_and_fresh_copy(kang):
     assert kang.X.data.max() > 0
 
 
-def test_datasets_module_reexports():
+def test_every_bundled_dataset_loads_offline_as_raw_counts():
     from celltyper import datasets
 
-    assert datasets.kang_pbmc is kang_pbmc
+    assert datasets.__all__, "celltyper.datasets names no dataset"
+    for name in datasets.__all__:
+        adata = getattr(datasets, name)()
+        assert adata.n_obs > 0 and adata.n_vars > 0, name
+        x = adata.X.data if hasattr(adata.X, "data") else np.asarray(adata.X)
+        assert np.all(x >= 0) and np.allclose(x, np.round(x)), f"{name} is not raw counts"
 
 
 # ----------------------------------------------------------------------------- plots

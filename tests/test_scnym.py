@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,7 @@ from celltyper.nn import (
     sigmoid_ramp,
     soft_cross_entropy,
 )
-from celltyper.train import MixMatchTrainingPlan
+from celltyper.train import MixMatchTrainingPlan, loss_terms
 
 QUIET = {"enable_progress_bar": False}
 
@@ -221,117 +223,92 @@ def _minibatch(adata, model):
     }
 
 
-def _run_step(model, adata, epoch, **plan_kwargs):
-    plan = MixMatchTrainingPlan(model.module, **plan_kwargs)
-    logged = {}
-    plan.log = lambda name, value, **_: logged.__setitem__(name, float(value))
-    plan.epoch_progress = lambda batch_idx: epoch
+def _loss(model, adata, **loss_kwargs):
     torch.manual_seed(0)
-    loss = plan.training_step(_minibatch(adata, model), 0)
-    return loss, logged
+    _, _, output = model.module(_minibatch(adata, model), loss_kwargs=loss_kwargs)
+    return output
 
 
-def test_mixmatch_training_step_combines_losses_with_ramped_weights(small_model):
+def test_module_loss_is_the_weighted_sum_of_its_terms(small_model):
     model, adata = small_model
-    kwargs = dict(
+    output = _loss(model, adata, unsup_weight=2.0, adversary_weight=0.5)
+    terms = loss_terms(output)
+    assert set(terms) == {"supervised_loss", "mixmatch_loss", "adversary_loss"}
+    torch.testing.assert_close(output.loss, sum(terms.values()))
+    assert float(terms["mixmatch_loss"].detach()) > 0
+    assert float(terms["adversary_loss"].detach()) > 0
+    # The same draws with the weights halved halve the weighted terms.
+    half = loss_terms(_loss(model, adata, unsup_weight=1.0, adversary_weight=0.25))
+    torch.testing.assert_close(half["mixmatch_loss"], terms["mixmatch_loss"] / 2)
+    torch.testing.assert_close(half["adversary_loss"], terms["adversary_loss"] / 2)
+    torch.testing.assert_close(half["supervised_loss"], terms["supervised_loss"])
+    output.loss.backward()
+    assert model.module.classifier.weight.grad is not None
+    assert model.module.adversary.parameters().__next__().grad is not None
+
+
+def test_plan_passes_ramped_weights_to_the_loss(small_model):
+    model, adata = small_model
+    plan = MixMatchTrainingPlan(
+        model.module,
         unsup_max_weight=2.0,
         n_epochs_unsup_ramp=10,
         adversary_max_weight=0.5,
         n_epochs_adversary_ramp=4,
     )
-    loss, logged = _run_step(model, adata, 5.0, **kwargs)
-    assert logged["unsupervised_weight"] == pytest.approx(1.0)
-    assert logged["adversarial_weight"] == pytest.approx(sigmoid_ramp(5.0, 4, 0.5))
-    expected = (
-        logged["train_supervised_loss"]
-        + logged["unsupervised_weight"] * logged["train_unsupervised_loss"]
-        + logged["adversarial_weight"] * logged["train_adversarial_loss"]
+    plan.epoch_progress = lambda batch_idx: 5.0
+    scheduled = plan.scheduled_loss_kwargs(0)
+    assert scheduled == pytest.approx(
+        {"unsup_weight": 1.0, "adversary_weight": sigmoid_ramp(5.0, 4, 0.5)}
     )
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
-    assert logged["train_unsupervised_loss"] > 0 and logged["train_adversarial_loss"] > 0
-    loss.backward()
-    assert model.module.classifier.weight.grad is not None
+    # The plan's forward pass is the module's, with the scheduled weights.
+    torch.manual_seed(0)
+    _, _, output = plan.forward(_minibatch(adata, model), loss_kwargs=scheduled)
+    expected = _loss(model, adata, **scheduled)
+    assert float(output.loss) == pytest.approx(float(expected.loss), rel=1e-5)
 
 
 def test_pseudolabel_min_confidence_filters_unlabelled_cells(small_model):
     model, adata = small_model
-    _, everyone = _run_step(model, adata, 5.0, pseudolabel_min_confidence=0.0)
-    assert everyone["confident_fraction"] == 1.0
-    _, nobody = _run_step(model, adata, 5.0, pseudolabel_min_confidence=1.01)
-    assert nobody["confident_fraction"] == 0.0
-    assert nobody["train_unsupervised_loss"] == 0.0
+    everyone = _loss(model, adata, pseudolabel_min_confidence=0.0).extra_metrics
+    assert float(everyone["confident_fraction"]) == 1.0
+    nobody = _loss(model, adata, pseudolabel_min_confidence=1.01).extra_metrics
+    assert float(nobody["confident_fraction"]) == 0.0
+    assert float(nobody["mixmatch_loss"]) == 0.0
 
 
-# -- configurations and keyword overrides ------------------------------------------------------
-@pytest.fixture
-def captured_training(small_model, monkeypatch):
-    """Replace the actual fit: record the plan, splitter and options ``train`` builds."""
+class _LossKwargs(pl.Callback):
+    """Records the loss keywords of the plan a fit runs with."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.loss_kwargs = dict(pl_module.loss_kwargs)
+        self.lr = pl_module.lr
+
+
+def test_config_and_keyword_overrides_reach_the_loss(small_model):
     model, _ = small_model
-    calls = []
-
-    def fake_run_training(self, plan, splitter, max_epochs, **kwargs):
-        calls.append({"plan": plan, "splitter": splitter, "max_epochs": max_epochs, **kwargs})
-
-    monkeypatch.setattr(SCNYM, "_run_training", fake_run_training)
-    return model, calls
-
-
-def test_train_uses_discovery_config(captured_training):
-    model, calls = captured_training
-    model.train(config="new_identity_discovery")
-    plan = calls[-1]["plan"]
-    assert isinstance(plan, MixMatchTrainingPlan)
-    assert plan.pseudolabel_min_confidence == 0.9
-    assert plan.adversary_confident_only is True
-    assert calls[-1]["max_epochs"] == SCNYM_CONFIGS["new_identity_discovery"]["max_epochs"]
-    assert calls[-1]["min_epochs"] == SCNYM_CONFIGS["new_identity_discovery"]["min_epochs"]
-
-
-def test_train_default_config_and_all_plan_settings(captured_training):
-    model, calls = captured_training
-    model.train()
-    plan, config = calls[-1]["plan"], SCNYM_CONFIGS["no_new_identity"]
-    assert plan.pseudolabel_min_confidence == 0.0
-    assert plan.adversary_confident_only is False
-    assert plan.optimizer_name == config["optimizer"] and plan.lr == config["lr"]
-    assert plan.weight_decay == config["weight_decay"]
-    assert plan.sharpen_temperature == config["sharpen_temperature"]
-    assert plan.mixup_alpha == config["mixup_alpha"]
-    assert plan.n_epochs_unsup_ramp == config["n_epochs_unsup_ramp"]
-    assert plan.adversary_max_weight == config["adversary_max_weight"]
-    assert calls[-1]["early_stopping_patience"] == config["early_stopping_patience"]
-    assert calls[-1]["splitter"].batch_size == config["batch_size"]
-    assert calls[-1]["seed"] == 0  # the model's seed
-
-
-def test_train_respects_edited_configs(captured_training, monkeypatch):
-    model, calls = captured_training
-    monkeypatch.setitem(SCNYM.configs["no_new_identity"], "sharpen_temperature", 0.25)
-    model.train()
-    assert calls[-1]["plan"].sharpen_temperature == 0.25
-
-
-def test_train_keyword_overrides(captured_training):
-    model, calls = captured_training
-    before = {name: dict(config) for name, config in SCNYM_CONFIGS.items()}
+    seen = _LossKwargs()
+    model.train(max_epochs=1, config="new_identity_discovery", callbacks=[seen], **QUIET)
+    assert seen.loss_kwargs["pseudolabel_min_confidence"] == 0.9
+    assert seen.loss_kwargs["adversary_confident_only"] is True
     model.train(
-        max_epochs=3,
+        max_epochs=1,
         config="new_identity_discovery",
-        lr=0.5,
         pseudolabel_min_confidence=0.7,
-        batch_size=32,
-        gradient_clip_val=1.0,
-        seed=5,
+        plan_kwargs={"lr": 0.5},
+        callbacks=[seen],
+        **QUIET,
     )
-    call = calls[-1]
-    assert call["max_epochs"] == 3
-    assert call["plan"].lr == 0.5
-    assert call["plan"].pseudolabel_min_confidence == 0.7
-    assert call["plan"].adversary_confident_only is True  # untouched keys keep the config
-    assert call["splitter"].batch_size == 32
-    assert call["gradient_clip_val"] == 1.0  # unknown keys go to the trainer
-    assert call["seed"] == 5
-    assert SCNYM_CONFIGS == before, "train() must not modify the shared configurations"
+    assert seen.loss_kwargs["pseudolabel_min_confidence"] == 0.7
+    assert seen.loss_kwargs["adversary_confident_only"] is True
+    assert seen.lr == 0.5
+    assert SCNYM_CONFIGS["new_identity_discovery"]["pseudolabel_min_confidence"] == 0.9
+
+
+def test_scheduled_weights_cannot_be_set_by_hand(small_model):
+    model, _ = small_model
+    with pytest.raises(TypeError, match="unsup_weight"):
+        model.train(max_epochs=1, unsup_weight=3.0, **QUIET)
 
 
 def test_unknown_config_raises(small_model):
@@ -358,15 +335,18 @@ def test_training_loss_decreases(discovery):
     loss = model.history["train_loss"].to_numpy().ravel()
     assert len(loss) >= 5
     assert loss[-3:].mean() < 0.6 * loss[0]
-    supervised = model.history["train_supervised_loss"].to_numpy().ravel()
+    supervised = model.history["supervised_loss_train"].to_numpy().ravel()
     assert supervised[-1] < supervised[0]
 
 
 def test_logged_weights_follow_ramps(discovery):
     model, _ = discovery
-    config = SCNYM_CONFIGS["new_identity_discovery"]
-    unsup = model.history["unsupervised_weight"].to_numpy().ravel()
-    adv = model.history["adversarial_weight"].to_numpy().ravel()
+    config = {
+        name: parameter.default
+        for name, parameter in inspect.signature(MixMatchTrainingPlan).parameters.items()
+    }
+    unsup = model.history["unsup_weight"].to_numpy().ravel()
+    adv = model.history["adversary_weight"].to_numpy().ravel()
     for epoch, (w_u, w_a) in enumerate(zip(unsup, adv, strict=True)):
         low = linear_ramp(epoch, config["n_epochs_unsup_ramp"], config["unsup_max_weight"])
         high = linear_ramp(epoch + 1, config["n_epochs_unsup_ramp"], config["unsup_max_weight"])
@@ -463,20 +443,16 @@ def test_lognormalised_input_is_used_as_is_and_kinds_cannot_be_mixed():
 
 
 def test_domain_shift_augmentation_moves_labelled_cells_towards_the_query():
-    from celltyper.module import SCNYMModule
-    from celltyper.train import MixMatchTrainingPlan
+    from celltyper.module._scnym import shift_towards_query
 
-    module = SCNYMModule(n_input=5, n_labels=2, n_domains=2, n_hidden=8)
-    plan = MixMatchTrainingPlan(module, domain_shift_augmentation=1.0)
     torch.manual_seed(0)
     x_l = torch.zeros(200, 5)
     x_u = torch.full((50, 5), 2.0)
     x_u[:, 0] = 0.0  # a gene the query does not express: no shift below zero
-    shifted = plan._shift_towards_query(x_l, x_u)
+    shifted = shift_towards_query(x_l, x_u, 1.0)
     assert torch.all(shifted >= 0)
     assert torch.all(shifted[:, 0] == 0)
     # Every cell moves by u * shift with u ~ U(0, 1): mean ~ 1, bounded by the full shift.
     assert 0.8 < float(shifted[:, 1:].mean()) < 1.2
     assert float(shifted.max()) <= 2.0
-    off = MixMatchTrainingPlan(module, domain_shift_augmentation=0.0)
-    assert off.domain_shift_augmentation == 0.0
+    assert torch.equal(shift_towards_query(x_l, x_u, 0.0), x_l)
