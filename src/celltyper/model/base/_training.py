@@ -16,6 +16,21 @@ from scvi.train import TrainRunner
 from celltyper._utils import seeded
 from celltyper.train import RestoreBestWeights
 
+#: Splitter arguments ``train()`` sets itself from its own options or the model.
+_SPLITTER_INTERNALS = {
+    "self",
+    "adata_manager",
+    "n_labels",
+    "validation_size",
+    "train_size",
+    "batch_size",
+    "seed",
+    "allow_unlabelled_only",
+}
+#: scvi plan arguments that are no user setting of a celltyper plan.
+_PLAN_INTERNALS = {"self", "module", "update_only_decoder", "on_step", "on_epoch"}
+#: scvi plan arguments that only matter to a loss with a KL term.
+_KL_WARMUP_ARGUMENTS = {"n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight", "min_kl_weight"}
 #: Arguments of a module's ``loss`` that are data, not hyperparameters.
 _LOSS_DATA_ARGUMENTS = {"self", "tensors", "inference_outputs", "generative_outputs"}
 
@@ -82,10 +97,14 @@ def plan_parameters(plan_cls: type, module=None) -> set[str]:
         if cls is pl.LightningModule:
             break
         names |= _keyword_names(cls.__init__)
+    names -= _PLAN_INTERNALS
     if module is not None:
-        names |= _keyword_names(module.loss) - _LOSS_DATA_ARGUMENTS
+        loss_names = _keyword_names(module.loss) - _LOSS_DATA_ARGUMENTS
+        names |= loss_names
+        if "kl_weight" not in loss_names:
+            names -= _KL_WARMUP_ARGUMENTS
     # Loss keywords the plan sets every step (ramps) cannot be set by users.
-    return names - {"self", "module", *getattr(plan_cls, "scheduled_loss_arguments", ())}
+    return names - set(getattr(plan_cls, "scheduled_loss_arguments", ()))
 
 
 def _keyword_names(function) -> set[str]:
@@ -192,12 +211,15 @@ class TrainingMixin:
             Keywords of the data splitter (e.g. ``balance_classes``).
         **kwargs
             The model's own training options (see its docstring), hyperparameters
-            accepted by ``plan_kwargs`` given by name, or keywords of scvi-tools' and
+            accepted by ``plan_kwargs`` or settings of ``datasplitter_kwargs`` given by
+            name, or keywords of scvi-tools' and
             Lightning's ``Trainer`` (``strategy``, ``callbacks``, ``logger``,
             ``enable_progress_bar``, ``early_stopping_patience``, ...). Any other name
             raises a ``TypeError`` that lists the valid ones.
         """
-        options, plan_kwargs, trainer_kwargs = self._route_train_kwargs(kwargs, plan_kwargs)
+        options, plan_kwargs, splitter_kwargs, trainer_kwargs = self._route_train_kwargs(
+            kwargs, plan_kwargs, datasplitter_kwargs
+        )
         stages = self._training_stages(options)
         shared = {
             "validation_size": self._resolve_validation_size(train_size, validation_size),
@@ -212,7 +234,7 @@ class TrainingMixin:
                 max_epochs=self._stage_epochs(stage, max_epochs, options),
                 shared=shared,
                 plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs or {},
+                datasplitter_kwargs=splitter_kwargs,
                 accelerator=accelerator,
                 devices=devices,
                 early_stopping=early_stopping,
@@ -224,13 +246,19 @@ class TrainingMixin:
             self.calibrate_novelty()
 
     def _route_train_kwargs(
-        self, kwargs: dict[str, Any], plan_kwargs: dict[str, Any] | None
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Split ``train()``'s keywords into stage options, plan and trainer keywords."""
+        self,
+        kwargs: dict[str, Any],
+        plan_kwargs: dict[str, Any] | None,
+        datasplitter_kwargs: dict[str, Any] | None,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Split ``train()``'s keywords into stage options, plan, splitter and trainer
+        keywords, in that order of precedence; an unknown name raises a TypeError."""
         options = dict(self._train_options)
         plan = dict(plan_kwargs or {})
+        splitter = dict(datasplitter_kwargs or {})
         trainer: dict[str, Any] = {}
         plan_names = self._plan_parameter_names()
+        splitter_names = _keyword_names(self._data_splitter_cls.__init__) - _SPLITTER_INTERNALS
         trainer_names = trainer_parameters()
         unknown = sorted(set(plan) - plan_names)
         for name, value in kwargs.items():
@@ -238,6 +266,8 @@ class TrainingMixin:
                 options[name] = value
             elif name in plan_names:
                 plan[name] = value
+            elif name in splitter_names:
+                splitter[name] = value
             elif name in trainer_names:
                 trainer[name] = value
             else:
@@ -246,10 +276,11 @@ class TrainingMixin:
             raise TypeError(
                 f"{type(self).__name__}.train() got unexpected keyword arguments {unknown}. "
                 f"Training options: {sorted(options) or 'none'}; hyperparameters (also as "
-                f"plan_kwargs): {sorted(plan_names)}; any keyword of scvi-tools' or "
-                "Lightning's Trainer."
+                f"plan_kwargs): {sorted(plan_names)}; data splitter settings (also as "
+                f"datasplitter_kwargs): {sorted(splitter_names)}; any keyword of scvi-tools' "
+                "or Lightning's Trainer."
             )
-        return options, plan, trainer
+        return options, plan, splitter, trainer
 
     def _plan_parameter_names(self) -> set[str]:
         """Hyperparameters of every plan this model may train with."""
