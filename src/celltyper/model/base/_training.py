@@ -30,7 +30,12 @@ _SPLITTER_INTERNALS = {
 #: scvi plan arguments that are no user setting of a celltyper plan.
 _PLAN_INTERNALS = {"self", "module", "update_only_decoder", "on_step", "on_epoch"}
 #: scvi plan arguments that only matter to a loss with a KL term.
-_KL_WARMUP_ARGUMENTS = {"n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight", "min_kl_weight"}
+_KL_WARMUP_ARGUMENTS = {
+    "n_epochs_kl_warmup",
+    "n_steps_kl_warmup",
+    "max_kl_weight",
+    "min_kl_weight",
+}
 #: Arguments of a module's ``loss`` that are data, not hyperparameters.
 _LOSS_DATA_ARGUMENTS = {"self", "tensors", "inference_outputs", "generative_outputs"}
 
