@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -37,9 +39,16 @@ def _write_pair(tmp_path, n_genes: int = 60, cells_per: int = 40, seed: int = 0)
     return parts
 
 
-def test_annotate_writes_predictions_table_and_plot(tmp_path, monkeypatch):
+#: Every model the command offers, by its ``--model`` name.
+MODEL_NAMES = [name.lower() for name in celltyper.model.__all__]
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_annotate_runs_every_model_with_its_defaults(tmp_path, monkeypatch, model):
+    # No --max-epochs, --batch-size or --early-stopping: `celltyper annotate --model M`
+    # must work with the model's own training defaults.
     monkeypatch.chdir(tmp_path)
-    parts = _write_pair(tmp_path)
+    parts = _write_pair(tmp_path, n_genes=100)
     ref_path, query_path = parts["reference"][0], parts["query"][0]
     query = parts["query"][1]
     code = main(
@@ -49,7 +58,7 @@ def test_annotate_writes_predictions_table_and_plot(tmp_path, monkeypatch):
             "--query", str(query_path),
             "--labels-key", "cell_type",
             "--batch-key", "tech",
-            "--max-epochs", "2",
+            "--model", model,
             "--output", "out",
         ]
     )  # fmt: skip
@@ -62,13 +71,70 @@ def test_annotate_writes_predictions_table_and_plot(tmp_path, monkeypatch):
     assert table["confidence"].between(0, 1).all()
     annotated = ad.read_h5ad(out / "annotated.h5ad")
     assert annotated.n_obs == query.n_obs
-    for column in ("scnym", "scnym_confidence", "scnym_novelty", "scnym_novel"):
+    for column in (model, f"{model}_confidence", f"{model}_novelty", f"{model}_novel"):
         assert column in annotated.obs.columns
-    assert annotated.obsm["X_scnym"].shape[0] == query.n_obs
+    assert annotated.obsm[f"X_{model}"].shape[0] == query.n_obs
+    assert annotated.uns["celltyper"]["model"].lower() == model
     png = (out / "umap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     # The input files are left as they were.
     assert ad.read_h5ad(query_path).obs.columns.tolist() == ["cell_type", "tech"]
+
+
+class _StopBeforeTraining(Exception):
+    """Raised by the stand-in ``train`` so that the test needs no training."""
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], {"max_epochs": None, "batch_size": None, "early_stopping": None}),
+        (
+            ["--max-epochs", "3", "--batch-size", "7", "--no-early-stopping"],
+            {"max_epochs": 3, "batch_size": 7, "early_stopping": False},
+        ),
+        (["--batch-size", "64", "--early-stopping"], {"batch_size": 64, "early_stopping": True}),
+    ],
+)
+def test_training_options_reach_train(tmp_path, monkeypatch, model, extra, expected):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    cls = cli.resolve_model(model)
+    signature = inspect.signature(cls.train)
+    calls = []
+
+    def recording_train(self, *args, **kwargs):
+        # Bound to the real signature, positional or keyword both count.
+        calls.append(signature.bind(self, *args, **kwargs).arguments)
+        raise _StopBeforeTraining
+
+    monkeypatch.setattr(cls, "train", recording_train)
+    argv = ["annotate", "--reference", str(parts["reference"][0])]
+    argv += ["--query", str(parts["query"][0]), "--model", model, "--seed", "5", *extra]
+    with pytest.raises(_StopBeforeTraining):
+        main(argv)
+    assert len(calls) == 1
+    received = calls[0]
+    assert {name: received.get(name, "missing") for name in expected} == expected
+    assert received["seed"] == 5
+
+
+def test_model_setup_error_is_a_usage_error_with_the_model_s_message(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    reference = parts["reference"][1]
+    reference.obs["cell_type"] = "A"  # one cell type: the model refuses to classify
+    reference.write_h5ad(parts["reference"][0])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotate", "--reference", str(parts["reference"][0]),
+              "--query", str(parts["query"][0]), "--model", "scnym"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "SCNYM cannot train on these data" in err
+    assert "at least two" in err and "--labels-key 'cell_type'" in err
 
 
 def test_missing_labels_key_is_a_usage_error(tmp_path, monkeypatch, capsys):
@@ -148,7 +214,7 @@ def test_default_batch_is_the_role_and_query_labels_only_score(tmp_path, monkeyp
 
 
 def test_build_training_data_joins_genes_and_hides_query_labels(tmp_path, capsys):
-    parts = _write_pair(tmp_path)
+    parts = _write_pair(tmp_path, n_genes=60)
     reference, query = parts["reference"][1], parts["query"][1]
     labels = reference.obs["cell_type"].astype(str).to_numpy()
     labels[:5] = "Unknown"

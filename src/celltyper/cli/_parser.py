@@ -1,0 +1,138 @@
+"""The argument parser of the ``celltyper`` command and its entry point :func:`main`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import DEFAULT_LABELS_KEY, DEFAULT_OUTPUT, DEMO_BATCH_KEY, CliError
+from ._run import annotate_command, available_models
+
+
+def _positive_int(value: str) -> int:
+    """argparse type of counts: a bad value stops the run before any data is read."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _add_data_options(annotate: argparse.ArgumentParser) -> None:
+    annotate.add_argument("--reference", metavar="REF.h5ad", help="labelled reference cells")
+    annotate.add_argument("--query", metavar="QUERY.h5ad", help="cells to annotate")
+    annotate.add_argument(
+        "--labels-key",
+        metavar="KEY",
+        help=f"reference obs column with the cell types (default: {DEFAULT_LABELS_KEY}); "
+        "if the query has it too, its values are used only to score the predictions",
+    )
+    annotate.add_argument(
+        "--batch-key",
+        metavar="KEY",
+        help="obs column with batches, in both files (default: the reference/query role; "
+        f"{DEMO_BATCH_KEY!r} for the demo)",
+    )
+    annotate.add_argument(
+        "--unlabeled-category",
+        default="Unknown",
+        metavar="LABEL",
+        help="label of unlabelled cells (default: Unknown)",
+    )
+    annotate.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        metavar="DIR",
+        help=f"output folder (default: {DEFAULT_OUTPUT}/)",
+    )
+
+
+def _add_training_options(annotate: argparse.ArgumentParser) -> None:
+    # Training options default to None, which the model's train() reads as its own default.
+    annotate.add_argument(
+        "--model",
+        default="scnym",
+        help="model of celltyper.model, case-insensitive (default: scnym; available: "
+        f"{', '.join(available_models())})",
+    )
+    annotate.add_argument(
+        "--max-epochs",
+        type=_positive_int,
+        metavar="N",
+        help="training epochs (default: the model's own)",
+    )
+    annotate.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="cells per minibatch (default: the model's own)",
+    )
+    annotate.add_argument(
+        "--early-stopping",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stop training once the held-out reference cells stop improving "
+        "(default: the model's own choice)",
+    )
+    annotate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    annotate.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="where to train (default: auto)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``celltyper`` command.
+
+    Returns
+    -------
+    The parser; each sub-command sets ``handler`` (the function that runs it) and
+    ``command_parser`` (its own parser, for usage errors) in the parsed namespace.
+    """
+    from celltyper import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="celltyper",
+        description="Cell-type annotation with scvi-tools models.",
+    )
+    parser.add_argument("--version", action="version", version=f"celltyper {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    annotate = commands.add_parser(
+        "annotate",
+        help="transfer cell-type labels from a reference to a query",
+        description=(
+            "Train a model on a labelled reference and an unlabelled query together "
+            "(transductive, as scNym is used), annotate the query and write "
+            "annotated.h5ad, predictions.csv and umap.png. Without --reference/--query it "
+            "runs on the bundled Kang et al. PBMC demo (control -> stimulated cells)."
+        ),
+    )
+    _add_data_options(annotate)
+    _add_training_options(annotate)
+    annotate.set_defaults(handler=annotate_command, command_parser=annotate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``celltyper`` command line.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns
+    -------
+    The exit code (0 on success). Bad arguments or inputs exit with code 2 through
+    :class:`SystemExit`, with a message, as argparse does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except CliError as err:
+        args.command_parser.error(str(err))
+    return 2  # not reached: error() exits

@@ -1,0 +1,187 @@
+"""Training a model on the joined data and annotating the query: the ``annotate`` command."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import anndata
+import numpy as np
+import pandas as pd
+
+from ._common import ROLE_KEY, TRAIN_LABELS_KEY, CliError, Inputs, say
+from ._inputs import build_training_data, load_inputs
+from ._outputs import score_predictions, write_outputs
+
+
+def available_models() -> dict[str, type]:
+    """Model classes of :mod:`celltyper.model`, by lower-case name."""
+    from celltyper import model as models
+
+    classes = (getattr(models, name) for name in models.__all__)
+    return {cls.__name__.lower(): cls for cls in classes if isinstance(cls, type)}
+
+
+def resolve_model(name: str) -> type:
+    """The model class called ``name`` (case-insensitive).
+
+    Raises
+    ------
+    CliError
+        If no model of :mod:`celltyper.model` has that name; the message lists them.
+    """
+    models = available_models()
+    cls = models.get(name.lower())
+    if cls is None:
+        choices = ", ".join(c.__name__.lower() for c in models.values())
+        raise CliError(f"unknown model {name!r}; choose one of: {choices}")
+    return cls
+
+
+def _setup_error(cls: type, err: Exception, inputs: Inputs) -> CliError:
+    """A usage error carrying the model's own message about the training data."""
+    # str() of a KeyError is the repr of its message; the message itself reads better.
+    message = str(err.args[0]) if err.args else str(err)
+    if TRAIN_LABELS_KEY in message:
+        message += (
+            f" ({TRAIN_LABELS_KEY} holds the reference's --labels-key "
+            f"{inputs.labels_key!r} labels; query cells are unlabelled)"
+        )
+    return CliError(f"{cls.__name__} cannot train on these data: {message}")
+
+
+def run_annotation(
+    inputs: Inputs,
+    training: anndata.AnnData,
+    model: str = "scnym",
+    max_epochs: int | None = None,
+    seed: int = 0,
+    accelerator: str = "auto",
+    *,
+    batch_size: int | None = None,
+    early_stopping: bool | None = None,
+) -> tuple[object, pd.DataFrame]:
+    """Train a model on ``training`` and annotate ``inputs.query`` with it.
+
+    Parameters
+    ----------
+    inputs
+        From :func:`~celltyper.cli.load_inputs`; ``inputs.query`` gains the annotation
+        columns (``obs[<model>]``, ``<model>_confidence``, ``<model>_novelty``,
+        ``<model>_novel`` and ``obsm["X_<model>"]``).
+    training
+        From :func:`~celltyper.cli.build_training_data`.
+    model
+        Name of a class of :mod:`celltyper.model`, case-insensitive.
+    max_epochs
+        Training epochs; ``None`` uses the model's default.
+    seed
+        Seed of the weights, the data split and the minibatches.
+    accelerator
+        As in scvi-tools (``"auto"``, ``"cpu"``, ``"gpu"``).
+    batch_size
+        Cells per minibatch; ``None`` uses the model's default.
+    early_stopping
+        Whether to stop on the held-out cells; ``None`` uses the model's default.
+
+    Returns
+    -------
+    ``(model, table)``: the trained model and the annotation table of the query (see
+    :meth:`~celltyper.model.SCNYM.annotation_table`).
+
+    Raises
+    ------
+    CliError
+        When the model rejects the training data in its setup (e.g. fewer than two
+        labelled cell types); the message is the model's.
+    """
+    cls = resolve_model(model)
+    batch_key = inputs.training_batch_key
+    is_ref = (training.obs[ROLE_KEY] == "reference").to_numpy()
+    ref_labels = training.obs.loc[is_ref, TRAIN_LABELS_KEY]
+    n_types = ref_labels[ref_labels != inputs.unlabeled_category].nunique()
+    say(
+        "Training",
+        f"{cls.__name__} on {training.n_obs:,} cells ({int(is_ref.sum()):,} reference, "
+        f"{n_types} cell types; {int((~is_ref).sum()):,} query, unlabelled); "
+        f"batch key {batch_key!r}; seed {seed}",
+    )
+    start = time.perf_counter()
+    # The models validate their data here and name what is wrong; that is a problem with
+    # the user's files, not a crash, so it ends as a usage error with the model's words.
+    try:
+        cls.setup_anndata(
+            training,
+            labels_key=TRAIN_LABELS_KEY,
+            unlabeled_category=inputs.unlabeled_category,
+            batch_key=batch_key,
+        )
+        fitted = cls(training, seed=seed)
+    except (ValueError, KeyError) as err:
+        raise _setup_error(cls, err, inputs) from err
+    # None reaches train() as None: the model's default, whatever it is.
+    fitted.train(
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        early_stopping=early_stopping,
+        accelerator=accelerator,
+        seed=seed,
+    )
+    say("", f"training finished in {time.perf_counter() - start:.1f} s")
+
+    say("Predicting", f"{inputs.query.n_obs:,} query cells")
+    if batch_key == ROLE_KEY:
+        # The model's batches are the roles; tell it these cells are the query's.
+        inputs.query.obs[ROLE_KEY] = pd.Categorical(
+            ["query"] * inputs.query.n_obs, categories=["query", "reference"]
+        )
+    table = fitted.annotate(inputs.query, overwrite=True)
+    counts = table["prediction"].value_counts()
+    summary = ", ".join(f"{name} {n:,}" for name, n in counts.items() if n)
+    say("", f"predicted: {summary}; {int(table['novel'].sum()):,} flagged novel")
+    return fitted, table
+
+
+def annotate_command(args: argparse.Namespace) -> int:
+    """Run ``celltyper annotate`` with parsed arguments; returns the exit code (0).
+
+    Raises
+    ------
+    CliError
+        For bad inputs, caught by :func:`~celltyper.cli.main` as a usage error.
+    """
+    from celltyper import __version__
+
+    start = time.perf_counter()
+    cls = resolve_model(args.model)
+    key = cls.__name__.lower()
+    inputs = load_inputs(
+        args.reference, args.query, args.labels_key, args.batch_key, args.unlabeled_category
+    )
+    training = build_training_data(inputs)
+    fitted, table = run_annotation(
+        inputs,
+        training,
+        model=key,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        accelerator=args.accelerator,
+        batch_size=args.batch_size,
+        early_stopping=args.early_stopping,
+    )
+    scores = score_predictions(inputs, table, fitted.cell_types)
+    threshold = fitted.novelty_threshold_
+    provenance = {
+        "version": __version__,
+        "model": cls.__name__,
+        "data": inputs.description,
+        "labels_key": inputs.labels_key,
+        "batch_key": inputs.training_batch_key,
+        "seed": int(args.seed),
+        "n_genes": int(training.n_vars),
+        "novelty_threshold": np.nan if threshold is None else float(threshold),
+        **{f"score_{name}": float(value) for name, value in scores.items()},
+    }
+    write_outputs(inputs, table, args.output, key, extra_uns=provenance)
+    say("Done", f"in {time.perf_counter() - start:.1f} s")
+    return 0
