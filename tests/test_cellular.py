@@ -1,4 +1,4 @@
-"""CELLULAR: the losses against hand computations, training behaviour, preprocessing."""
+"""CELLULAR: its losses by hand, the module's objective, the plans, training, preprocessing."""
 
 from __future__ import annotations
 
@@ -6,16 +6,25 @@ import itertools
 import math
 import warnings
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from conftest import NOVEL_TYPE, UNKNOWN, make_counts_adata
+from scvi import REGISTRY_KEYS
 
 import celltyper
 from celltyper.model import CELLULAR
 from celltyper.nn import batch_mixing_loss, centroid_distance_loss, supervised_soft_nn_loss
-from celltyper.train import warmup_cosine_factor
+from celltyper.train import (
+    ClassifierHeadTrainingPlan,
+    ContrastiveTrainingPlan,
+    JointClassifierTrainingPlan,
+    loss_terms,
+    warmup_cosine_factor,
+)
 
 E = math.e
 
@@ -112,11 +121,253 @@ def test_warmup_cosine_factor():
     assert factors[-1] > 0
 
 
-# -- training ------------------------------------------------------------------------------
+# -- the module's objective -------------------------------------------------------------------
 _SMALL = {"n_hidden": (64, 32), "n_latent": 16, "classifier_hidden": 32}
 _TRAIN = {"max_epochs": 15, "batch_size": 32, "enable_progress_bar": False}
+QUIET = {"enable_progress_bar": False}
 
 
+@pytest.fixture(scope="module")
+def untrained():
+    """A small CELLULAR and a minibatch of every cell, labelled with its true type."""
+    adata = make_counts_adata(cells_per=15, n_genes=50)
+    CELLULAR.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = CELLULAR(adata, **_SMALL)
+    codes = {name: i for i, name in enumerate(model.cell_types)}
+    # True types in both batches, so the batch-mixing term has something to mix; the novel
+    # type stays unlabelled (code n_labels).
+    labels = [codes.get(t, model.n_labels) for t in adata.obs["cell_type"].astype(str)]
+    tensors = {
+        REGISTRY_KEYS.X_KEY: torch.tensor(adata.X.toarray()),
+        REGISTRY_KEYS.LABELS_KEY: torch.tensor(labels).view(-1, 1),
+        REGISTRY_KEYS.BATCH_KEY: torch.tensor(adata.obs["batch"].cat.codes.to_numpy()).view(-1, 1),
+    }
+    return model.module, tensors
+
+
+def _loss(module, tensors, **loss_kwargs):
+    _, _, output = module(tensors, loss_kwargs=loss_kwargs)
+    return output
+
+
+def test_module_loss_is_the_weighted_sum_of_the_published_terms(untrained):
+    module, tensors = untrained
+    module.eval()  # no dropout, BatchNorm on its running statistics: deterministic
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    with torch.no_grad():
+        output = _loss(module, tensors, class_weights=weights)
+        z = module.embed(tensors)
+    terms = loss_terms(output)
+    assert set(terms) == {"target_loss", "batch_loss", "centroid_loss", "classification_loss"}
+    torch.testing.assert_close(output.loss, sum(terms.values()))
+    labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1)
+    labelled = labels < module.n_labels
+    zl, yl = z[labelled], labels[labelled]
+    batches = tensors[REGISTRY_KEYS.BATCH_KEY].view(-1)[labelled]
+    expected = {
+        "target_loss": 0.9 * supervised_soft_nn_loss(zl, yl, module.temperature),
+        "batch_loss": 0.1 * batch_mixing_loss(zl, yl, batches, 0.5),
+        "centroid_loss": centroid_distance_loss(zl, yl, module.pca_centroid_distances),
+        "classification_loss": F.cross_entropy(module.classifier(z)[labelled], yl, weight=weights),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value, msg=name)
+    assert float(terms["batch_loss"]) > 0
+    assert float(output.extra_metrics["temperature"]) == pytest.approx(0.25)
+    # Doubling the contrastive weight doubles the three contrastive terms only.
+    with torch.no_grad():
+        double = loss_terms(_loss(module, tensors, contrastive_weight=2.0, class_weights=weights))
+    for name in ("target_loss", "batch_loss", "centroid_loss"):
+        torch.testing.assert_close(double[name], 2 * terms[name])
+    torch.testing.assert_close(double["classification_loss"], terms["classification_loss"])
+
+
+def test_stage_weights_choose_what_runs(untrained):
+    module, tensors = untrained
+    module.train()
+    calls = {"encoder": 0, "classifier": 0}
+    hooks = [
+        getattr(module, part).register_forward_hook(
+            lambda *_, part=part: calls.__setitem__(part, calls[part] + 1)
+        )
+        for part in calls
+    ]
+    running = module.classifier[0].running_mean.clone()
+    try:
+        # Encoder stage: the classifier does not run (its BatchNorm statistics stay).
+        encoder_only = _loss(module, tensors, classification_weight=0.0)
+        assert set(loss_terms(encoder_only)) == {"target_loss", "batch_loss", "centroid_loss"}
+        assert calls == {"encoder": 1, "classifier": 0}
+        assert torch.equal(module.classifier[0].running_mean, running)
+        # Joint objective (the defaults): one encoder pass serves both losses.
+        joint = _loss(module, tensors)
+        assert calls == {"encoder": 2, "classifier": 1}
+        joint.loss.backward()
+        for parameter in (module.encoder[1].weight, module.raw_temperature):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+        head = _loss(module, tensors, contrastive_weight=0.0)
+        assert set(loss_terms(head)) == {"classification_loss"}
+        with pytest.raises(ValueError, match="both 0"):
+            _loss(module, tensors, contrastive_weight=0.0, classification_weight=0.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        module.zero_grad(set_to_none=True)
+        module.eval()
+
+
+def test_without_batches_the_target_term_takes_the_whole_weight(untrained):
+    module, tensors = untrained
+    module.eval()
+    with torch.no_grad():
+        with_batches = loss_terms(_loss(module, tensors, classification_weight=0.0))
+        without = loss_terms(_loss(module, tensors, classification_weight=0.0, use_batches=False))
+    torch.testing.assert_close(without["target_loss"], with_batches["target_loss"] / 0.9)
+    assert float(without["batch_loss"]) == 0.0
+    torch.testing.assert_close(without["centroid_loss"], with_batches["centroid_loss"])
+
+
+# -- the plans ---------------------------------------------------------------------------------
+def _step_output(plan, tensors):
+    """What the plan's training step computes on ``tensors``."""
+    return plan.forward(tensors, loss_kwargs={**plan.loss_kwargs, **plan.scheduled_loss_kwargs(0)})
+
+
+def test_plans_train_their_own_parameters_on_their_own_terms(untrained):
+    module, tensors = untrained
+    encoder = {id(p) for p in module.encoder.parameters()}
+    classifier = {id(p) for p in module.classifier.parameters()}
+    temperature = {id(module.raw_temperature)}
+    plans = {
+        ContrastiveTrainingPlan: (encoder | temperature, {"target_loss", "centroid_loss"}),
+        ClassifierHeadTrainingPlan: (classifier, {"classification_loss"}),
+        JointClassifierTrainingPlan: (
+            encoder | temperature | classifier,
+            {"target_loss", "centroid_loss", "classification_loss"},
+        ),
+    }
+    module.train()
+    try:
+        for plan_cls, (parameters, expected_terms) in plans.items():
+            plan = plan_cls(module)
+            assert {id(p) for p in plan.trainable_parameters()} == parameters, plan_cls
+            _, _, output = _step_output(plan, tensors)
+            assert expected_terms <= set(loss_terms(output)), plan_cls
+            assert (plan.lr, plan.weight_decay, plan.optimizer_label) == (1e-3, 5e-5, "Adam")
+        # The frozen head: the embedding carries no graph, so no gradient reaches the encoder.
+        module.zero_grad(set_to_none=True)
+        _, _, output = _step_output(ClassifierHeadTrainingPlan(module), tensors)
+        output.loss.backward()
+        assert all(p.grad is None for p in module.encoder.parameters())
+        assert module.classifier[1].weight.grad is not None
+    finally:
+        module.zero_grad(set_to_none=True)
+        module.eval()
+
+
+def test_contrastive_plan_clamps_temperature_and_validates_on_its_total(untrained):
+    module, tensors = untrained
+    plan = ContrastiveTrainingPlan(module, use_batches=True)
+    original = module.raw_temperature.detach().clone()
+    try:
+        with torch.no_grad():
+            module.raw_temperature.fill_(5.0)
+        plan.on_train_batch_end(None, tensors, 0)
+        assert float(module.raw_temperature) == 1.0
+    finally:
+        with torch.no_grad():
+            module.raw_temperature.copy_(original)
+    module.eval()
+    with torch.no_grad():
+        output = plan.validation_loss_output(tensors)
+        expected = _loss(module, tensors, classification_weight=0.0)
+    torch.testing.assert_close(output.loss, expected.loss)
+    # A minibatch with a single labelled cell has nothing to contrast: it is left out.
+    one = {k: v[:1] for k, v in tensors.items()}
+    assert plan.validation_loss_output(one) is None
+
+
+class _StageRecorder(pl.Callback):
+    """Records each stage's plan, epochs, loss keywords and learning rate per epoch."""
+
+    def __init__(self):
+        self.stages: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.stages.append(
+            {
+                "cls": type(pl_module),
+                "max_epochs": trainer.max_epochs,
+                "loss_kwargs": dict(pl_module.loss_kwargs),
+                "lr": [],
+            }
+        )
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.stages[-1]["lr"].append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    adata = make_counts_adata(cells_per=12, n_genes=40)
+    CELLULAR.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    return CELLULAR(adata, **_SMALL), adata
+
+
+def test_stages_epochs_schedule_and_keywords(tiny_model):
+    model, adata = tiny_model
+    recorder = _StageRecorder()
+    model.train(
+        max_epochs=6, classifier_epochs=2, early_stopping=False, callbacks=[recorder], **QUIET
+    )
+    encoder, head = recorder.stages
+    assert (encoder["cls"], encoder["max_epochs"]) == (ContrastiveTrainingPlan, 6)
+    assert (head["cls"], head["max_epochs"]) == (ClassifierHeadTrainingPlan, 2)
+    # Warm-up over min(4, 6 // 2) = 3 epochs, then the cosine decay; the head keeps lr.
+    expected = [1e-3 * warmup_cosine_factor(e, 6, 3) for e in range(6)]
+    assert encoder["lr"] == pytest.approx(expected)
+    assert head["lr"] == pytest.approx([1e-3, 1e-3])
+    # Computed arguments: batches in use, inverse class frequencies of the training cells.
+    assert encoder["loss_kwargs"] == {"use_batches": True}
+    weights = head["loss_kwargs"]["class_weights"]
+    labelled = adata.obs["train_label"] != UNKNOWN
+    assert len(weights) == model.n_labels == adata.obs["train_label"][labelled].nunique()
+    torch.testing.assert_close(weights, torch.ones(model.n_labels))  # balanced types
+    assert model.contrastive_history_ is not model.history
+    assert len(model.contrastive_history_["train_loss"]) == 6
+
+    # classifier_epochs defaults to max_epochs; a loss weight of the joint stage reaches
+    # it but never switches the classifier on in the encoder stage.
+    model.train(
+        max_epochs=1,
+        classifier_training="joint",
+        classification_weight=2.0,
+        target_weight=0.5,
+        callbacks=[recorder],
+        **QUIET,
+    )
+    encoder, joint = recorder.stages[-2:]
+    assert (encoder["max_epochs"], joint["max_epochs"]) == (1, 1)
+    assert joint["cls"] is JointClassifierTrainingPlan
+    assert encoder["loss_kwargs"] == {"use_batches": True, "target_weight": 0.5}
+    assert joint["loss_kwargs"]["classification_weight"] == 2.0
+    assert joint["loss_kwargs"]["target_weight"] == 0.5
+    assert "classification_weight" not in model.history  # not pinned in the joint stage
+    assert (model.contrastive_history_["classification_weight"].to_numpy() == 0).all()
+
+
+def test_bad_training_options_raise(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(ValueError, match="classifier_training"):
+        model.train(max_epochs=1, classifier_training="both")
+    for computed in ("class_weights", "use_batches"):
+        with pytest.raises(TypeError, match=computed):
+            model.train(max_epochs=1, **{computed: None})
+    with pytest.raises(ValueError, match="classifier_epochs"):
+        model.train(max_epochs=1, classifier_epochs=0, **QUIET)
+
+
+# -- behaviour on synthetic data ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_cellular():
     adata = make_counts_adata()
@@ -134,16 +385,24 @@ def test_temperature_stays_in_range(trained_cellular):
     assert float(model.module.raw_temperature) != pytest.approx(0.25)
 
 
-def test_target_loss_falls_and_terms_are_logged(trained_cellular):
+def test_losses_fall_and_terms_are_logged(trained_cellular):
     model, _ = trained_cellular
     history = model.contrastive_history_
-    for term in ("train_target_loss", "train_batch_loss", "train_centroid_loss"):
+    for term in ("target_loss_train", "batch_loss_train", "centroid_loss_train"):
         assert term in history
-    target = history["train_target_loss"]["train_target_loss"].to_numpy()
+    target = history["target_loss_train"].to_numpy(dtype=float).ravel()
     assert target[-1] < 0.5 * target[0]
-    assert "validation_loss" in history
+    total = sum(
+        history[f"{term}_loss_train"].to_numpy(dtype=float).ravel()
+        for term in ("target", "batch", "centroid")
+    )
+    train_loss = history["train_loss"].to_numpy(dtype=float).ravel()
+    np.testing.assert_allclose(total, train_loss, rtol=1e-5)
+    assert "validation_loss" in history and "temperature_train" in history
     # The classifier stage has its own history.
-    assert "train_classification_loss" in model.history
+    cross_entropy = model.history["classification_loss_train"].to_numpy(dtype=float).ravel()
+    assert cross_entropy[-1] < 0.6 * cross_entropy[0]
+    assert "accuracy_validation" in model.history
 
 
 def test_withheld_type_is_more_novel(trained_cellular):
@@ -186,6 +445,8 @@ def test_query_fine_tuning_leaves_encoder_unchanged(trained_cellular):
         query_model = CELLULAR.load_query_data(query, model)
     trainable = {n for n, p in query_model.module.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("classifier.") for n in trainable)
+    with pytest.raises(ValueError, match="query model keeps"):
+        query_model.train(max_epochs=1, classifier_training="joint")
     encoder = {k: v.clone() for k, v in query_model.module.encoder.state_dict().items()}
     buffers = {
         k: v.clone() for k, v in query_model.module.named_buffers() if "classifier" not in k
@@ -220,10 +481,10 @@ def test_joint_stage_two_trains_encoder_and_classifier_together():
             models[mode].train(**_TRAIN, classifier_training=mode)
     frozen, joint = models["frozen"], models["joint"]
     # Same seed: stage 1 is the same for both; only the joint stage 2 moves the encoder.
-    curve = "train_target_loss"
+    curve = "target_loss_train"
     np.testing.assert_allclose(
-        frozen.contrastive_history_[curve][curve].to_numpy(dtype=float),
-        joint.contrastive_history_[curve][curve].to_numpy(dtype=float),
+        frozen.contrastive_history_[curve].to_numpy(dtype=float),
+        joint.contrastive_history_[curve].to_numpy(dtype=float),
     )
     frozen_encoder = frozen.module.encoder.state_dict()
     moved = [
@@ -232,11 +493,13 @@ def test_joint_stage_two_trains_encoder_and_classifier_together():
         if v.is_floating_point() and not torch.equal(v, frozen_encoder[k])
     ]
     assert moved, "the joint stage left the encoder as stage 1 left it"
-    for key in ("train_classification_loss", "train_contrastive_loss"):
-        assert np.isfinite(joint.history[key][key].to_numpy(dtype=float)).all()
+    terms = ("target_loss", "batch_loss", "centroid_loss", "classification_loss")
+    curves = [joint.history[f"{term}_train"].to_numpy(dtype=float).ravel() for term in terms]
+    assert all(np.isfinite(curve).all() for curve in curves)
+    np.testing.assert_allclose(
+        sum(curves), joint.history["train_loss"].to_numpy(dtype=float).ravel(), rtol=1e-5
+    )
     assert np.mean(joint.predict() == adata.obs["cell_type"].to_numpy()) > 0.5
-    with pytest.raises(ValueError, match="classifier_training"):
-        joint.train(max_epochs=1, classifier_training="both")
 
 
 def test_trains_without_batch_key():
@@ -244,8 +507,7 @@ def test_trains_without_batch_key():
     CELLULAR.setup_anndata(adata, labels_key="train_label")
     model = CELLULAR(adata, **_SMALL)
     model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
-    batch_loss = model.contrastive_history_["train_batch_loss"]["train_batch_loss"]
-    assert (batch_loss.to_numpy() == 0).all()
+    assert (model.contrastive_history_["batch_loss_train"].to_numpy() == 0).all()
     assert len(model.predict()) == adata.n_obs
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from celltyper.train import (
     JointClassifierTrainingPlan,
 )
 
-from .base import BatchCenteringMixin, CellTyperModel, seeded
+from .base import BatchCenteringMixin, CellTyperModel, TrainingStage, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,35 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
     seed
         Seed of the weight initialisation, of the PCA and the default seed of :meth:`train`.
 
+    Notes
+    -----
+    :meth:`train` (shared by every model) runs two stages, each up to 50 epochs with
+    early stopping after 10 without improvement (best weights restored), minibatches of
+    256 cells, 20 % of each labelled type held out, Adam (lr 1e-3, weight decay 5e-5):
+
+    - ``"encoder"``: :class:`~celltyper.train.ContrastiveTrainingPlan` on the labelled
+      cells only, early-stopping on the held-out contrastive total; learning rate warmed
+      up over 4 epochs (at most half the epochs), then a cosine decay. Its curves are
+      kept in ``contrastive_history_`` (``target_loss_train``, ``batch_loss_train``,
+      ``centroid_loss_train``, ``temperature_train``, ``validation_loss``, ...).
+    - ``"classifier"``: :class:`~celltyper.train.ClassifierHeadTrainingPlan`,
+      class-weighted cross-entropy (inverse class frequencies of the labelled training
+      cells) on the frozen embedding, early-stopping on the held-out cross-entropy;
+      ``history`` holds its curves.
+
+    Its own options: ``classifier_training``, ``"frozen"`` (the default) or ``"joint"``:
+    the classifier stage trains encoder and classifier together on the contrastive loss
+    plus the cross-entropy (:class:`~celltyper.train.JointClassifierTrainingPlan`), which
+    measured no better on Kang control -> stimulated (see the docs page); and
+    ``classifier_epochs``, the epochs of the classifier stage (default: ``max_epochs``,
+    itself 50 by default). A model from :meth:`load_query_data` runs the classifier stage
+    only, frozen, on every query cell: its labelled cells, if any, supervise the head,
+    and all of them update its BatchNorm statistics. Hyperparameters, by name or in
+    ``plan_kwargs``: those of the plans (``lr``, ``weight_decay``, ``warmup_epochs``, ...)
+    and of :meth:`~celltyper.module.CELLULARModule.loss` (``target_weight``,
+    ``batch_weight``, ``centroid_weight``, ``batch_temperature``,
+    ``classification_weight``, ...).
+
     Examples
     --------
     >>> import celltyper
@@ -97,11 +126,11 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
 
     _module_cls = CELLULARModule
     _training_plan_cls = ClassifierHeadTrainingPlan
-    _contrastive_plan_cls = ContrastiveTrainingPlan
-    _joint_plan_cls = JointClassifierTrainingPlan
     _data_splitter_cls = LabelledUnlabelledSplitter
     _input_kind = "log1p"
     _requires_labels = True
+    _train_defaults = {"batch_size": 256, "validation_size": 0.2, "early_stopping": True}
+    _train_options = {"classifier_training": "frozen", "classifier_epochs": None}
 
     def __init__(
         self,
@@ -157,113 +186,50 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         return matrix[labelled], self._label_codes()[labelled]
 
-    def _splitter(self, validation_size, batch_size, seed, include_unlabelled):
-        return self._make_splitter(
-            validation_size, batch_size, seed, include_unlabelled=include_unlabelled
-        )
-
-    def train(
-        self,
-        max_epochs: int = 50,
-        classifier_epochs: int | None = None,
-        classifier_training: Literal["frozen", "joint"] = "frozen",
-        batch_size: int = 256,
-        validation_size: float = 0.2,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-5,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 10,
-        seed: int | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Stage 1 (contrastive encoder), then stage 2 (classifier head), then calibration.
-
-        A model from :meth:`load_query_data` runs stage 2 only (its encoder is frozen): the
-        labelled query cells, if any, supervise the head, and every query cell updates its
-        BatchNorm statistics.
-
-        Parameters
-        ----------
-        max_epochs
-            Epochs of stage 1.
-        classifier_epochs
-            Epochs of stage 2; defaults to ``max_epochs``.
-        classifier_training
-            ``"frozen"``: stage 2 trains the classifier on the frozen encoder's embedding.
-            ``"joint"``: stage 2 trains encoder and classifier together, on the
-            contrastive loss plus the classifier's cross-entropy
-            (:class:`~celltyper.train.JointClassifierTrainingPlan`). Kang control ->
-            stimulated measured no better with it (see the docs page), so frozen is the
-            default. A query model always keeps its encoder frozen.
-        batch_size
-            Minibatch size.
-        validation_size
-            Fraction of each labelled cell type held out for early stopping and the
-            novelty calibration.
-        lr, weight_decay
-            Adam settings of both stages.
-        early_stopping
-            Stop a stage when its validation loss has not improved for
-            ``early_stopping_patience`` epochs (best weights are restored).
-        early_stopping_patience
-            Patience of the early stopping.
-        seed
-            Seed of the split and the minibatches; defaults to the model's ``seed``.
-        **trainer_kwargs
-            Keywords of the Lightning trainer (e.g. ``accelerator``).
-
-        Notes
-        -----
-        After training, ``history`` holds the curves of the classifier stage and
-        ``contrastive_history_`` those of the encoder stage (``train_target_loss``,
-        ``train_batch_loss``, ``train_centroid_loss``, ``temperature``, ...) of the last
-        call.
-        """
-        seed = self._resolve_seed(seed)
-        classifier_epochs = max_epochs if classifier_epochs is None else classifier_epochs
-        if classifier_training not in ("frozen", "joint"):
-            raise ValueError(
-                f"classifier_training must be 'frozen' or 'joint', got {classifier_training!r}."
-            )
-        if classifier_training == "joint" and self._is_query_model:
+    # -- training stages ------------------------------------------------------------------
+    def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:
+        training = options["classifier_training"]
+        if training not in ("frozen", "joint"):
+            raise ValueError(f"classifier_training must be 'frozen' or 'joint', got {training!r}.")
+        query = self._is_query_model
+        if training == "joint" and query:
             raise ValueError(
                 "classifier_training='joint' trains the encoder, which a query model keeps "
                 "frozen (it is the reference's embedding); use 'frozen'."
             )
-        common = {
-            "early_stopping": early_stopping,
-            "early_stopping_patience": early_stopping_patience,
-            "seed": seed,
-            **trainer_kwargs,
-        }
-        if not self._is_query_model:
-            self._train_encoder(max_epochs, batch_size, validation_size, lr, weight_decay, common)
-        splitter = self._splitter(validation_size, batch_size, seed, self._is_query_model)
-        class_weights = self._class_weights(splitter.labelled_train_idx)
-        if classifier_training == "joint":
-            plan = self._joint_plan_cls(
-                self.module,
-                class_weights=class_weights,
-                use_batches=self.n_batches > 1,
-                lr=lr,
-                weight_decay=weight_decay,
-            )
-        else:
-            plan = self._training_plan_cls(
-                self.module, class_weights=class_weights, lr=lr, weight_decay=weight_decay
-            )
-        self._start_fresh_history()
-        self._run_training(plan, splitter, classifier_epochs, calibrate=True, **common)
-
-    def _train_encoder(self, max_epochs, batch_size, validation_size, lr, weight_decay, common):
-        splitter = self._splitter(validation_size, batch_size, common["seed"], False)
-        plan = self._contrastive_plan_cls(
-            self.module, use_batches=self.n_batches > 1, lr=lr, weight_decay=weight_decay
+        head = TrainingStage(
+            "classifier",
+            JointClassifierTrainingPlan if training == "joint" else self._training_plan_cls,
+            max_epochs=50,
+            epochs_option="classifier_epochs",
+            early_stopping_patience=10,
+            # A query's unlabelled cells adapt the head's BatchNorm statistics.
+            splitter_kwargs={"include_unlabelled": query},
         )
-        self._start_fresh_history()
-        self._run_training(plan, splitter, max_epochs, calibrate=False, **common)
-        # The classifier stage replaces history_; keep the contrastive stage's curves.
-        self.contrastive_history_ = self.history_
+        if query:  # its encoder is the reference's
+            return [head]
+        encoder = TrainingStage(
+            "encoder",
+            ContrastiveTrainingPlan,
+            max_epochs=50,
+            early_stopping_patience=10,
+            # The contrastive losses need a label on every cell.
+            splitter_kwargs={"include_unlabelled": False},
+            keep_history_as="contrastive_history_",
+        )
+        return [encoder, head]
+
+    def _extra_plan_classes(self) -> tuple[type, ...]:
+        return (ContrastiveTrainingPlan, JointClassifierTrainingPlan)
+
+    def _computed_plan_arguments(self) -> set[str]:
+        return {"class_weights", "use_batches"}
+
+    def _stage_plan_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"use_batches": self.n_batches > 1}
+        if stage.name == "classifier":
+            kwargs["class_weights"] = self._class_weights(datamodule.labelled_train_idx)
+        return kwargs
 
     def _class_weights(self, indices: np.ndarray) -> torch.Tensor:
         """Inverse class frequencies of the labelled training cells, mean 1 over cells."""

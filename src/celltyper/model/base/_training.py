@@ -233,10 +233,12 @@ class TrainingMixin:
         }
         if early_stopping is None:
             early_stopping = self._train_defaults["early_stopping"]
-        for stage in stages:
+        # Every stage's epochs are checked before the first stage trains.
+        epochs = [self._stage_epochs(stage, max_epochs, options) for stage in stages]
+        for stage, stage_epochs in zip(stages, epochs, strict=True):
             self._run_stage(
                 stage,
-                max_epochs=self._stage_epochs(stage, max_epochs, options),
+                max_epochs=stage_epochs,
                 shared=shared,
                 plan_kwargs=plan_kwargs,
                 datasplitter_kwargs=splitter_kwargs,
