@@ -1,15 +1,18 @@
-"""RANKFORMER: tokeniser, attention layer, padding/permutation invariance, training paths."""
+"""RANKFORMER: tokeniser, attention layer, invariances, its loss, training stages and schedule."""
 
 from __future__ import annotations
 
 import math
 import warnings
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from conftest import UNKNOWN, make_counts_adata, tiny_kwargs
+from scvi import REGISTRY_KEYS
 
 from celltyper.data import (
     CLS_TOKEN,
@@ -24,6 +27,7 @@ from celltyper.data import (
 from celltyper.model import RANKFORMER
 from celltyper.module import RANKFORMERModule
 from celltyper.nn import MultiHeadSelfAttention
+from celltyper.train import loss_terms, merge_minibatches
 
 P, C = PAD_TOKEN, CLS_TOKEN
 
@@ -256,6 +260,95 @@ def test_module_rejects_bad_sizes():
         RANKFORMERModule(n_input=3, n_labels=2, n_tokens=0)
 
 
+def _minibatch(module: RANKFORMERModule, n_cells: int = 12) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    x = rng.poisson(1.0, size=(n_cells, module.n_input)).astype(np.float32)
+    labels = np.arange(n_cells) % (module.n_labels + 1)  # code n_labels: unlabelled
+    return {
+        REGISTRY_KEYS.X_KEY: torch.from_numpy(x),
+        REGISTRY_KEYS.LABELS_KEY: torch.from_numpy(labels)[:, None].float(),
+    }
+
+
+def _count_encoder_passes(module: RANKFORMERModule) -> list[int]:
+    calls: list[int] = []
+    module.encoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_loss_terms_by_hand_from_one_encoder_pass():
+    module = _module()
+    tensors = _minibatch(module)
+    settings = {
+        "classification_weight": 2.0,
+        "mlm_weight": 0.5,
+        "mask_prob": 0.3,
+        "label_smoothing": 0.1,
+    }
+    calls = _count_encoder_passes(module)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        inference_outputs, _, output = module(tensors, loss_kwargs=settings)
+    assert len(calls) == 1, "the classifier and the masked-gene head share one encoder pass"
+    # The same pass by hand: tokens, masking with the same random draws, encoder.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = module.tokenize(tensors)
+        inputs, masked = module.mask_tokens(tokens, 0.3)
+        hidden = module.encode(inputs)
+        logits = module.classifier(hidden[:, 0])
+        gene_logits = module.masked_gene_logits(hidden[masked])
+    assert masked.any() and torch.equal(inference_outputs["masked"], masked)
+    labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+    labelled = labels < module.n_labels
+    log_p = torch.log_softmax(logits[labelled], dim=1)
+    nll = -log_p.gather(1, labels[labelled, None]).squeeze(1)
+    smoothed = (0.9 * nll - 0.1 * log_p.mean(dim=1)).mean()
+    targets = tokens.tokens[masked] - N_SPECIAL_TOKENS
+    gene_nll = -torch.log_softmax(gene_logits, dim=1).gather(1, targets[:, None]).mean()
+    terms = loss_terms(output)
+    assert set(terms) == {"classification_loss", "masked_gene_loss"}
+    torch.testing.assert_close(terms["classification_loss"], 2.0 * smoothed)
+    torch.testing.assert_close(terms["masked_gene_loss"], 0.5 * gene_nll)
+    torch.testing.assert_close(output.loss, sum(terms.values()))
+    accuracy = (gene_logits.argmax(dim=1) == targets).float().mean()
+    torch.testing.assert_close(output.extra_metrics["masked_gene_accuracy"], accuracy)
+
+
+def test_loss_without_masked_gene_term_masks_nothing():
+    module = _module()
+    tensors = _minibatch(module)
+    class_weights = torch.tensor([1.0, 3.0, 0.5])
+    with torch.no_grad():
+        inference_outputs, _, output = module(
+            tensors, loss_kwargs={"label_smoothing": 0.0, "class_weights": class_weights}
+        )
+        logits = module.classify(tensors)
+    assert not inference_outputs["masked"].any()
+    labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+    labelled = labels < module.n_labels
+    expected = F.cross_entropy(logits[labelled], labels[labelled], weight=class_weights)
+    torch.testing.assert_close(output.loss, expected)
+    assert loss_terms(output)["masked_gene_loss"] == 0
+
+
+def test_loss_masks_unmasked_inference_outputs_itself():
+    module = _module()
+    tensors = _minibatch(module)
+    with torch.no_grad():
+        unmasked = module.inference(module.tokenize(tensors))
+        calls = _count_encoder_passes(module)
+        output = module.loss(tensors, unmasked, {}, classification_weight=0.0, mlm_weight=1.0)
+    # Called directly with outputs of another masking, the loss encodes masked tokens.
+    assert len(calls) == 1
+    assert loss_terms(output)["masked_gene_loss"] > 0
+    assert loss_terms(output)["classification_loss"] == 0
+    with pytest.raises(ValueError, match="Nothing to learn"):
+        module.loss(tensors, unmasked, {}, classification_weight=0.0, mlm_weight=0.0)
+    with pytest.raises(ValueError, match="mask_prob"):
+        module.loss(tensors, unmasked, {}, mask_prob=1.0)
+
+
 # -- the model --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained():
@@ -338,38 +431,169 @@ def test_query_freeze_rule_keeps_embeddings_and_attention(trained):
     assert any("norm" in n for n in trainable)
 
 
-def test_pretrain_then_train():
+def _new_model(**kwargs) -> tuple[RANKFORMER, object]:
     adata = make_counts_adata()
     RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    model = RANKFORMER(adata, **tiny_kwargs(RANKFORMER))
+    return RANKFORMER(adata, **{**tiny_kwargs(RANKFORMER), **kwargs}), adata
+
+
+def _curve(history, name: str) -> np.ndarray:
+    return history[name].to_numpy(dtype=float).ravel()
+
+
+def _labelled_accuracy(model, adata) -> float:
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    labelled = (adata.obs["train_label"] != UNKNOWN).to_numpy()
+    return float((model.predict()[labelled] == truth[labelled]).mean())
+
+
+class _Recorder(pl.Callback):
+    """Learning rate and label codes of every training step, per stage."""
+
+    def __init__(self):
+        self.lrs: list[list[float]] = []
+        self.labels: list[list[np.ndarray]] = []
+        self.total_steps: list[int] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.lrs.append([])
+        self.labels.append([])
+        self.total_steps.append(int(trainer.estimated_stepping_batches))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs[-1].append(trainer.optimizers[0].param_groups[0]["lr"])
+        labels = merge_minibatches(batch)[REGISTRY_KEYS.LABELS_KEY].view(-1)
+        self.labels[-1].append(labels.numpy())
+
+
+def test_pretrain_then_train():
+    model, adata = _new_model()
     head = {k: v.clone() for k, v in model.module.classifier.state_dict().items()}
     embedding = model.module.gene_embedding.weight.detach().clone()
-    model.pretrain(max_epochs=4, batch_size=32, enable_progress_bar=False)
+    recorder = _Recorder()
+    model.pretrain(max_epochs=4, batch_size=32, enable_progress_bar=False, callbacks=[recorder])
     history = model.pretrain_history_
-    assert "train_masked_gene_loss" in history and "validation_loss" in history
-    losses = history["train_masked_gene_loss"].to_numpy().ravel()
+    losses = _curve(history, "masked_gene_loss_train")
     assert losses[-1] < losses[0]
-    assert not model.is_trained_
-    # Pretraining moves the encoder, not the cell-type head.
+    # Pretraining validates on the held-out cells' masked-gene loss.
+    np.testing.assert_allclose(
+        _curve(history, "validation_loss"),
+        _curve(history, "masked_gene_loss_validation"),
+    )
+    # The masked-gene term alone, on every cell (the unlabelled ones included).
+    assert _curve(history, "classification_loss_train").max() == 0.0
+    assert (np.concatenate(recorder.labels[0]) >= model.n_labels).any()
+    # The head does not move, so the model is no classifier yet and is not calibrated.
+    assert not model.is_trained_ and model.novelty_threshold_ is None
     assert not torch.equal(model.module.gene_embedding.weight, embedding)
     for key, value in model.module.classifier.state_dict().items():
         assert torch.equal(value, head[key]), key
     model.train(max_epochs=5, batch_size=32, lr=3e-3, enable_progress_bar=False)
-    assert model.is_trained_ and "validation_accuracy" in model.history
-    truth = adata.obs["cell_type"].astype(str).to_numpy()
-    labelled = (adata.obs["train_label"] != UNKNOWN).to_numpy()
-    assert (model.predict()[labelled] == truth[labelled]).mean() > 0.8
+    assert model.is_trained_ and "accuracy_validation" in model.history
+    assert model.novelty_threshold_ is not None
+    assert model.pretrain_history_ is history
+    assert _labelled_accuracy(model, adata) > 0.8
+
+
+def test_pretrain_stage_inside_train():
+    model, _ = _new_model()
+    recorder = _Recorder()
+    model.train(
+        max_epochs=3,
+        pretrain_epochs=2,
+        batch_size=32,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    assert len(recorder.lrs) == 2, "a pretraining stage, then the classifier's"
+    assert len(model.pretrain_history_["masked_gene_loss_train"]) == 2
+    assert len(model.history["classification_loss_train"]) == 3
+    assert model.is_trained_ and model.novelty_threshold_ is not None
+    # Without mlm_weight the classifier's stage reads labelled cells only.
+    assert (np.concatenate(recorder.labels[1]) < model.n_labels).all()
+
+
+def test_pretrain_rejects_masking_nothing():
+    model, _ = _new_model()
+    with pytest.raises(ValueError, match="mask_prob"):
+        model.pretrain(max_epochs=1, mask_prob=0.0, enable_progress_bar=False)
+
+
+def test_mlm_weight_brings_unlabelled_cells_and_the_masked_gene_term():
+    model, _ = _new_model()
+    recorder = _Recorder()
+    model.train(
+        max_epochs=2,
+        batch_size=32,
+        mlm_weight=0.5,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    labels = np.concatenate(recorder.labels[0])
+    assert (labels >= model.n_labels).any() and (labels < model.n_labels).any()
+    history = model.history
+    assert _curve(history, "masked_gene_loss_train").min() > 0
+    # The logged weighted terms add up to the training loss.
+    np.testing.assert_allclose(
+        _curve(history, "train_loss"),
+        _curve(history, "classification_loss_train") + _curve(history, "masked_gene_loss_train"),
+        rtol=1e-5,
+    )
+    # A query model masks by default (its LayerNorms adapt without labels).
+    query = model.adata[model.adata.obs["batch"] == "b1"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        query_model = RANKFORMER.load_query_data(query, model)
+        query_model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    assert _curve(query_model.history, "masked_gene_loss_train").min() > 0
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_every_step():
+    model, _ = _new_model()
+    recorder = _Recorder()
+    model.train(
+        max_epochs=4,
+        batch_size=16,
+        lr=2e-3,
+        warmup_fraction=0.25,
+        early_stopping=False,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    lrs, total = np.array(recorder.lrs[0]), recorder.total_steps[0]
+    assert len(lrs) == total
+    warmup = round(0.25 * total)
+    steps = np.arange(total)
+    expected = np.where(
+        steps < warmup,
+        (steps + 1) / warmup,
+        0.5 * (1 + np.cos(np.pi * (steps - warmup) / (total - warmup))),
+    )
+    np.testing.assert_allclose(lrs, 2e-3 * expected, rtol=1e-6)
+
+
+def test_loss_weights_are_set_by_the_stages():
+    model, _ = _new_model()
+    for name in ("mlm_weight", "classification_weight"):
+        with pytest.raises(TypeError, match=name):
+            model.train(max_epochs=1, plan_kwargs={name: 1.0})
+    with pytest.raises(TypeError, match="classification_weight"):
+        model.train(max_epochs=1, classification_weight=0.0)
+    with pytest.raises(ValueError, match="mlm_weight"):
+        model.train(max_epochs=1, mlm_weight=-1.0)
+
+
+def test_interpret_is_unavailable_for_rank_tokens(trained):
+    model, _ = trained
+    with pytest.raises(ValueError, match="rank order of genes, not their values"):
+        model.interpret(groupby="cell_type", target="T1", n_samples=2)
 
 
 def test_value_bins_and_supervised_only_training():
-    adata = make_counts_adata()
-    RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    model = RANKFORMER(adata, **{**tiny_kwargs(RANKFORMER), "n_bins": 5})
+    model, adata = _new_model(n_bins=5)
     assert model.module.value_embedding is not None
     model.train(max_epochs=3, batch_size=32, mlm_weight=0.0, enable_progress_bar=False)
     assert model.tokenize(indices=[0]).bins.max() <= 5
-    truth = adata.obs["cell_type"].astype(str).to_numpy()
-    labelled = (adata.obs["train_label"] != UNKNOWN).to_numpy()
-    assert (model.predict()[labelled] == truth[labelled]).mean() > 0.8
-    # Without the masked-gene loss no masked-gene accuracy is learnt (it stays 0).
-    assert model.history["train_masked_gene_loss"].to_numpy().max() == 0.0
+    assert _labelled_accuracy(model, adata) > 0.8
+    # Without the masked-gene loss nothing is masked: the term stays 0.
+    assert _curve(model.history, "masked_gene_loss_train").max() == 0.0

@@ -18,9 +18,9 @@ from celltyper.data import (
     tokenize_matrix,
 )
 from celltyper.module import RANKFORMERModule
-from celltyper.train import RankformerTrainingPlan
+from celltyper.train import RankformerPretrainingPlan, RankformerTrainingPlan
 
-from .base import CellTyperModel, seeded
+from .base import CellTyperModel, TrainingStage, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,37 @@ class RANKFORMER(CellTyperModel):
     seed
         Seed of the weight initialisation (and the default seed of :meth:`train`).
 
+    Notes
+    -----
+    :meth:`train` (shared by every model) runs up to two stages, each with AdamW (lr
+    1e-3, weight decay 0.01) whose learning rate warms up over the first 10 % of the
+    steps (``warmup_fraction``) and then decays along a cosine, and minibatches of 128
+    cells from each of the labelled and (when used) unlabelled sets; 10 % of each
+    labelled type is held out.
+
+    - ``"pretrain"`` (only with the option ``pretrain_epochs > 0``, default 0, or through
+      :meth:`pretrain`): the masked-gene loss alone on every training cell, labelled or
+      not, validated on the masked-gene loss of the held-out cells (patience 5; 10
+      epochs in :meth:`pretrain`); its curves are kept in ``pretrain_history_``. The
+      model is not trained after it: ``is_trained_`` stays False until the next stage.
+    - ``"train"``: up to 30 epochs (early stopping after 10 without improvement of the
+      held-out labelled cells' cross-entropy, best weights restored) of the cell-type
+      cross-entropy (label smoothing 0.1) on labelled cells oversampled so every type is
+      as frequent as the largest, plus ``mlm_weight`` x the masked-gene loss (15 % of
+      the gene tokens masked) on every cell of the minibatch. The option ``mlm_weight``
+      is ``None`` by default: 0 for a reference model, whose epochs then read only the
+      labelled cells, and 0.5 for a query model from :meth:`load_query_data`, whose
+      LayerNorms adapt to the query's cells without labels; unlabelled cells join the
+      minibatches when it is above 0 or for a query model.
+
+    Hyperparameters, by name or in ``plan_kwargs``: those of
+    :class:`~celltyper.train.RankformerTrainingPlan` (``warmup_fraction``, optimizer)
+    and of :meth:`~celltyper.module.RANKFORMERModule.loss` (``mask_prob``,
+    ``label_smoothing``, ``class_weights``); splitter settings (``balance_classes``) by
+    name or in ``datasplitter_kwargs``. The stages set the loss weights themselves
+    (``classification_weight``, ``mlm_weight``). Gene attribution (:meth:`interpret`) is
+    unavailable: the model reads the rank order of genes, not their values.
+
     Examples
     --------
     >>> import celltyper
@@ -79,8 +110,7 @@ class RANKFORMER(CellTyperModel):
     ...     adata, labels_key="train_label", batch_key="condition"
     ... )
     >>> model = celltyper.model.RANKFORMER(adata)
-    >>> model.pretrain(max_epochs=5)  # optional: masked-gene pretraining on every cell
-    >>> model.train()
+    >>> model.train(pretrain_epochs=5)  # optional masked-gene pretraining stage first
     >>> model.annotate()  # obs["rankformer"], ..., obsm["X_rankformer"] (CLS embedding)
     """
 
@@ -89,6 +119,10 @@ class RANKFORMER(CellTyperModel):
     _data_splitter_cls = LabelledUnlabelledSplitter
     _input_kind = "counts"
     _requires_labels = True
+
+    _train_options = {"pretrain_epochs": 0, "mlm_weight": None}
+    #: Whether :meth:`train` runs the pretraining stage alone (set by :meth:`pretrain`).
+    _pretraining_only = False
 
     presets = RANKFORMER_PRESETS
 
@@ -138,6 +172,7 @@ class RANKFORMER(CellTyperModel):
             f"{n_bins or 'no'} value bins, {self.n_labels} cell types, "
             f"{n_parameters:,} parameters"
         )
+        self.pretrain_history_ = None
         self.init_params_ = self._get_init_params(locals())
 
     def _reference_gene_medians(self, median_cells: str) -> np.ndarray:
@@ -154,177 +189,83 @@ class RANKFORMER(CellTyperModel):
         return nonzero_gene_medians(matrix[labelled])
 
     # -- training -------------------------------------------------------------------------
-    def _splitter(self, validation_size, batch_size, seed, include_unlabelled, balance_classes):
-        return self._make_splitter(
-            validation_size,
-            batch_size,
-            seed,
-            balance_classes=balance_classes,
-            include_unlabelled=include_unlabelled,
-        )
-
-    def train(
-        self,
-        max_epochs: int = 30,
-        *,
-        batch_size: int = 128,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_fraction: float = 0.1,
-        mlm_weight: float | None = None,
-        mask_prob: float = 0.15,
-        balance_classes: bool = True,
-        label_smoothing: float = 0.1,
-        validation_size: float = 0.1,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 10,
-        min_epochs: int | None = None,
-        restore_best_weights: bool = True,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        seed: int | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Fine-tune the classifier (and the encoder) on the labelled cells.
-
-        Each step adds ``mlm_weight`` x the masked-gene loss on every cell of the
-        minibatch, unlabelled ones included, to the cell-type cross-entropy (see
-        :class:`~celltyper.train.RankformerTrainingPlan`). A model from
-        :meth:`load_query_data` trains only what its surgery rule leaves trainable
-        (LayerNorm and BatchNorm parameters) on the query's cells.
-
-        Parameters
-        ----------
-        max_epochs
-            Epochs; an epoch is a pass over the larger of the (class-balanced) labelled
-            and the unlabelled training cells.
-        batch_size
-            Cells per minibatch of each of the two sets.
-        lr, weight_decay
-            AdamW settings; the learning rate warms up over ``warmup_fraction`` of the
-            steps, then decays along a cosine.
-        warmup_fraction
-            Share of the steps spent warming up.
-        mlm_weight
-            Weight of the masked-gene loss; 0 is plain supervised training on the labelled
-            cells (unlabelled cells unused). ``None``: 0 for a reference model, 0.5 for a
-            query model, whose LayerNorms then adapt to the query's cells without labels.
-        mask_prob
-            Share of gene tokens masked per cell.
-        balance_classes
-            Oversample labelled cells so every cell type is as frequent as the largest.
-        label_smoothing
-            Label smoothing of the cross-entropy.
-        validation_size
-            Fraction of each labelled cell type held out for early stopping and the novelty
-            calibration.
-        early_stopping, early_stopping_patience, min_epochs, restore_best_weights
-            Stop when the validation cross-entropy has not improved for the patience, and
-            end with the best epoch's weights.
-        accelerator, devices
-            As in scvi-tools (bf16 autocast is used on a GPU).
-        seed
-            Seed of the split, minibatches and masking; defaults to the model's ``seed``.
-        **trainer_kwargs
-            Keywords of the Lightning trainer.
-        """
-        seed = self._resolve_seed(seed)
+    def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:
+        mlm_weight, pretrain_epochs = options["mlm_weight"], options["pretrain_epochs"]
         if mlm_weight is None:
+            # A query's LayerNorms adapt to its cells through the masked-gene loss.
             mlm_weight = 0.5 if self._is_query_model else 0.0
-        include_unlabelled = mlm_weight > 0 or self._is_query_model
-        splitter = self._splitter(
-            validation_size, batch_size, seed, include_unlabelled, balance_classes
-        )
-        plan = self._training_plan_cls(
-            self.module,
-            classification_weight=1.0,
-            mlm_weight=mlm_weight,
-            mask_prob=mask_prob,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            lr=lr,
-            weight_decay=weight_decay,
-        )
-        self._start_fresh_history()
-        self._run_training(
-            plan,
-            splitter,
-            max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            min_epochs=min_epochs,
-            restore_best_weights=restore_best_weights,
-            seed=seed,
-            **trainer_kwargs,
-        )
+        if mlm_weight < 0:
+            raise ValueError(f"mlm_weight must be >= 0, got {mlm_weight}.")
+        stages = []
+        if pretrain_epochs or self._pretraining_only:
+            stages.append(
+                TrainingStage(
+                    "pretrain",
+                    RankformerPretrainingPlan,
+                    max_epochs=10,
+                    epochs_option="pretrain_epochs",
+                    splitter_kwargs={"include_unlabelled": True, "balance_classes": False},
+                    early_stopping_patience=5,
+                    keep_history_as="pretrain_history_",
+                )
+            )
+        if not self._pretraining_only:
+            # Unlabelled cells only serve the masked-gene term (and a query's statistics).
+            include_unlabelled = mlm_weight > 0 or self._is_query_model
+            stages.append(
+                TrainingStage(
+                    "train",
+                    self._training_plan_cls,
+                    max_epochs=30,
+                    plan_kwargs={"mlm_weight": mlm_weight},
+                    splitter_kwargs={
+                        "include_unlabelled": include_unlabelled,
+                        "balance_classes": True,
+                    },
+                    early_stopping_patience=10,
+                )
+            )
+        return stages
 
-    def pretrain(
-        self,
-        max_epochs: int = 10,
-        *,
-        batch_size: int = 128,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_fraction: float = 0.1,
-        mask_prob: float = 0.15,
-        validation_size: float = 0.1,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 5,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        seed: int | None = None,
-        **trainer_kwargs,
-    ) -> None:
-        """Masked-gene pretraining on every training cell, labelled or not.
+    def _extra_plan_classes(self) -> tuple[type, ...]:
+        return (RankformerPretrainingPlan,)
 
-        A random ``mask_prob`` of each cell's gene tokens is replaced by a mask token and
-        the encoder learns to tell which gene was there (Geneformer's objective). The
-        held-out labelled cells (the same split as :meth:`train` with the same seed)
-        give the validation loss. Call :meth:`train` afterwards to fit the classifier;
-        the curves of this stage are kept in ``pretrain_history_``.
+    def _computed_plan_arguments(self) -> set[str]:
+        # The stages set the loss weights: mlm_weight is the training option of that name.
+        return {"classification_weight", "mlm_weight"}
+
+    def _run_stage(self, stage: TrainingStage, **kwargs) -> None:
+        super()._run_stage(stage, **kwargs)
+        if stage.name == "pretrain":
+            # The encoder moved but the head did not follow: the model classifies again
+            # only after the train stage (so pretrain() alone does not calibrate).
+            self.is_trained_ = False
+
+    def pretrain(self, max_epochs: int = 10, **kwargs) -> None:
+        """Masked-gene pretraining alone, on every training cell, labelled or not.
+
+        Runs only the ``"pretrain"`` stage of :meth:`train` (the same as
+        ``train(pretrain_epochs=max_epochs)`` without the classifier's stage): a random
+        ``mask_prob`` of each cell's gene tokens is replaced by a mask token and the
+        encoder learns which gene was there (Geneformer's objective), the held-out
+        labelled cells (the split of :meth:`train` with the same seed) giving the
+        validation loss. The head does not move, so the model is left untrained
+        (``is_trained_`` False, no novelty calibration) until :meth:`train`; the curves
+        are kept in ``pretrain_history_``.
 
         Parameters
         ----------
         max_epochs
             Epochs over the training cells.
-        batch_size, lr, weight_decay, warmup_fraction, mask_prob, validation_size
-            As in :meth:`train`.
-        early_stopping, early_stopping_patience
-            Stop when the validation masked-gene loss stops improving.
-        accelerator, devices, seed, **trainer_kwargs
-            As in :meth:`train`.
+        **kwargs
+            Keywords of :meth:`train` (``batch_size``, ``lr``, ``mask_prob``,
+            ``early_stopping_patience`` -- 5 here --, ``seed``, Trainer keywords, ...).
         """
-        if mask_prob <= 0:
-            raise ValueError(f"mask_prob must be > 0 for pretraining, got {mask_prob}.")
-        seed = self._resolve_seed(seed)
-        splitter = self._splitter(validation_size, batch_size, seed, True, False)
-        plan = self._training_plan_cls(
-            self.module,
-            classification_weight=0.0,
-            mlm_weight=1.0,
-            mask_prob=mask_prob,
-            warmup_fraction=warmup_fraction,
-            lr=lr,
-            weight_decay=weight_decay,
-        )
-        self._start_fresh_history()
-        self._run_training(
-            plan,
-            splitter,
-            max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            seed=seed,
-            calibrate=False,
-            **trainer_kwargs,
-        )
-        self.pretrain_history_ = self.history_
-        # The encoder moved but the head did not follow: the classifier needs train().
-        self.is_trained_ = False
+        self._pretraining_only = True
+        try:
+            self.train(pretrain_epochs=max_epochs, **kwargs)
+        finally:
+            self._pretraining_only = False
 
     # -- tokens -----------------------------------------------------------------------------
     def tokenize(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scvi.module.base import auto_move_data
+from scvi import REGISTRY_KEYS
+from scvi.module.base import LossOutput, auto_move_data
 from torch import Tensor, nn
 
 from celltyper.data import (
@@ -27,7 +29,10 @@ class RANKFORMERModule(ClassifierModule):
 
     Raw counts come in; each minibatch is tokenised here (rank-value encoding with the
     reference's per-gene medians, stored as the buffer ``gene_medians`` so that saved
-    models and query models reuse them).
+    models and query models reuse them). :meth:`loss` is the method's whole objective:
+    cell-type cross-entropy and masked-gene prediction, both read from one encoder pass
+    over the masked tokens (:meth:`forward` passes the loss's masking to
+    :meth:`inference`).
 
     Parameters
     ----------
@@ -160,6 +165,12 @@ class RANKFORMERModule(ClassifierModule):
         return loss, accuracy.detach()
 
     # -- CellTyperModule interface ------------------------------------------------------
+    #: Attribution needs a gradient with respect to each gene's input value.
+    not_interpretable_reason = (
+        "RANKFORMER reads the rank order of genes, not their values: gradients with "
+        "respect to expression are undefined."
+    )
+
     @auto_move_data
     def embed(self, tensors: dict[str, Tensor]) -> Tensor:
         return self.cls_embedding(self.tokenize(tensors))
@@ -169,10 +180,142 @@ class RANKFORMERModule(ClassifierModule):
         return self.classifier(self.embed(tensors))
 
     # -- BaseModuleClass interface --------------------------------------------------------
-    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict:
+    def forward(
+        self,
+        tensors: dict[str, Tensor],
+        get_inference_input_kwargs: dict | None = None,
+        get_generative_input_kwargs: dict | None = None,
+        inference_kwargs: dict | None = None,
+        generative_kwargs: dict | None = None,
+        loss_kwargs: dict | None = None,
+        compute_loss: bool = True,
+    ):
+        """scvi-tools' forward pass, with the masking of ``loss_kwargs`` done in inference.
+
+        The masked-gene term corrupts the encoder's input, so the share of tokens the
+        loss masks (``mask_prob`` when ``mlm_weight > 0``) is passed to :meth:`inference`:
+        one encoder pass over the masked tokens serves both terms of the loss.
+        """
+        inference_kwargs = {
+            "mask_prob": self.loss_mask_prob(loss_kwargs or {}),
+            **(inference_kwargs or {}),
+        }
+        return super().forward(
+            tensors,
+            get_inference_input_kwargs=get_inference_input_kwargs,
+            get_generative_input_kwargs=get_generative_input_kwargs,
+            inference_kwargs=inference_kwargs,
+            generative_kwargs=generative_kwargs,
+            loss_kwargs=loss_kwargs,
+            compute_loss=compute_loss,
+        )
+
+    def loss_mask_prob(self, loss_kwargs: dict) -> float:
+        """Share of gene tokens :meth:`loss` masks with ``loss_kwargs`` (its defaults
+        completing them): ``mask_prob``, or 0 without the masked-gene term."""
+        bound = inspect.signature(self.loss).bind_partial(None, None, None, **loss_kwargs)
+        bound.apply_defaults()
+        settings = bound.arguments
+        return float(settings["mask_prob"]) if settings["mlm_weight"] > 0 else 0.0
+
+    def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict:
         return {"tokens": self.tokenize(tensors)}
 
     @auto_move_data
-    def inference(self, tokens: RankTokens) -> dict[str, Tensor]:
-        z = self.cls_embedding(tokens)
-        return {"z": z, "logits": self.classifier(z)}
+    def inference(self, tokens: RankTokens, mask_prob: float = 0.0) -> dict:
+        """Encode the cells, a random ``mask_prob`` of their gene tokens masked first.
+
+        Returns the hidden states, the CLS embedding ``z``, the unmasked ``tokens``, the
+        positions ``masked`` and the ``mask_prob`` used.
+        """
+        inputs, masked = tokens, torch.zeros_like(tokens.padding_mask)
+        if mask_prob > 0:
+            inputs, masked = self.mask_tokens(tokens, mask_prob)
+        hidden = self.encode(inputs)
+        return {
+            "z": hidden[:, 0],
+            "hidden": hidden,
+            "tokens": tokens,
+            "masked": masked,
+            "mask_prob": mask_prob,
+        }
+
+    def loss(
+        self,
+        tensors: dict[str, Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        classification_weight: float = 1.0,
+        mlm_weight: float = 0.0,
+        mask_prob: float = 0.15,
+        label_smoothing: float = 0.1,
+        class_weights: Tensor | None = None,
+    ) -> LossOutput:
+        """Cell-type cross-entropy on the labelled cells plus masked-gene prediction.
+
+        The loss is ``classification_weight`` x the cross-entropy of the CLS head on the
+        labelled cells of the minibatch plus ``mlm_weight`` x the cross-entropy of the
+        identity of the masked gene tokens, on every cell (labelled or not: unlabelled
+        query cells teach the encoder their genes' context). Both read the same encoder
+        pass over the masked tokens, so the masking doubles as an augmentation of the
+        classifier's input. Every cell passes through the head (its BatchNorm statistics
+        see query cells too), unless ``classification_weight`` is 0 (pretraining).
+
+        Parameters
+        ----------
+        tensors, inference_outputs, generative_outputs
+            As in scvi-tools; ``inference_outputs`` from :meth:`inference` (re-encoded here
+            when they were not masked with this ``mask_prob``).
+        classification_weight
+            Weight of the cell-type cross-entropy; 0 is masked-gene pretraining.
+        mlm_weight
+            Weight of the masked-gene loss; 0 masks nothing.
+        mask_prob
+            Share of each cell's gene tokens masked.
+        label_smoothing
+            Label smoothing of the cell-type cross-entropy.
+        class_weights
+            Cross-entropy weight per cell-type code (``None``: all 1).
+
+        Returns
+        -------
+        ``LossOutput`` whose ``extra_metrics`` hold the weighted terms
+        (``classification_loss``, ``masked_gene_loss``, adding up to the loss) and
+        ``masked_gene_accuracy``.
+        """
+        if not 0.0 <= mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in [0, 1), got {mask_prob}.")
+        if classification_weight <= 0 and (mlm_weight <= 0 or mask_prob <= 0):
+            raise ValueError(
+                "Nothing to learn: classification_weight, or mlm_weight and mask_prob, must "
+                f"be > 0 (got {classification_weight}, {mlm_weight}, {mask_prob})."
+            )
+        outputs = inference_outputs
+        expected = self.loss_mask_prob({"mlm_weight": mlm_weight, "mask_prob": mask_prob})
+        if outputs["mask_prob"] != expected:
+            outputs = self.inference(outputs["tokens"], mask_prob=expected)
+        hidden = outputs["hidden"]
+        masked_gene, accuracy = self.masked_gene_loss(
+            hidden, outputs["tokens"].tokens, outputs["masked"]
+        )
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+        labelled = labels < self.n_labels
+        classification = hidden.sum() * 0.0
+        if classification_weight > 0:
+            logits = self.classifier(outputs["z"])
+            if labelled.any():
+                classification = F.cross_entropy(
+                    logits[labelled],
+                    labels[labelled],
+                    weight=None if class_weights is None else class_weights.to(logits.device),
+                    label_smoothing=label_smoothing,
+                )
+        terms = {
+            "classification_loss": classification_weight * classification,
+            "masked_gene_loss": mlm_weight * masked_gene,
+        }
+        return LossOutput(
+            loss=sum(terms.values()),
+            n_obs_minibatch=len(labels),
+            extra_metrics={**terms, "masked_gene_accuracy": accuracy},
+        )
