@@ -46,14 +46,10 @@ RECIPES: dict[str, dict[str, dict]] = {
     # scvi-tools' epoch heuristic gives 400 epochs on these data; heads train throughout
     # (with the published last-10-epochs window they see too few steps on 759 cells).
     "SCATLASVAE": {"train": {"max_epochs": 30, "n_epochs_prediction": None}},
-    # The self-supervised pretraining stage has its own epochs and progress bar.
+    # The self-supervised pretraining stages have their own epochs.
     "SCPRETRAIN": {
-        "train": {
-            "pretrain_kwargs": {"max_epochs": 10, "enable_progress_bar": False},
-        },
-        "train_quick": {
-            "pretrain_kwargs": {"max_epochs": 2, "n_phases": 1, "enable_progress_bar": False}
-        },
+        "train": {"pretrain_epochs": 10},
+        "train_quick": {"pretrain_epochs": 2, "n_phases": 1},
     },
 }
 

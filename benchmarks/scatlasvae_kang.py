@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from celltyper.metrics import classification_scores
 from celltyper.model import SCATLASVAE
+from celltyper.tl import knn_transfer
 
 from ._integration import scib_scores
 from ._quiet import quiet_run
@@ -109,7 +110,7 @@ def surgery(
         **classification_scores(y_true, predictions),
         "train_seconds": time.perf_counter() - start,
     }
-    knn = model.knn_transfer(query)["prediction"].to_numpy()[scored]
+    knn = knn_transfer(model, query)["prediction"].to_numpy()[scored]
     rows["SCATLASVAE (kNN on latent)"] = {**classification_scores(y_true, knn)}
 
     start = time.perf_counter()

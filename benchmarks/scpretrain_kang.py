@@ -140,8 +140,8 @@ def run_seed(task, seed: int, quick: bool, pca: np.ndarray) -> tuple[list[dict],
         "pretrain_train_seconds": history["train_seconds"],
         "pretrain_kmeans_table": history["kmeans"].to_dict(orient="records"),
         "pretrain_loss_first_last": [
-            float(history["loss"]["pretrain_loss"].iloc[0]),
-            float(history["loss"]["pretrain_loss"].iloc[-1]),
+            float(history["loss"]["train_loss"].iloc[0]),
+            float(history["loss"]["train_loss"].iloc[-1]),
         ],
     }
     return rows, pretraining

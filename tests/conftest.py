@@ -45,7 +45,7 @@ _TRAIN_BY_MODEL: dict[str, dict] = {
     # Two epochs: minibatches of 32 and a larger step let the linear heads learn.
     "SCATLASVAE": {"batch_size": 32, "lr": 1e-2},
     # Pretraining kept to 2 epochs per phase; small minibatches for the fine-tuning.
-    "SCPRETRAIN": {"batch_size": 16, "lr": 1e-2, "pretrain_kwargs": {"max_epochs": 2}},
+    "SCPRETRAIN": {"batch_size": 16, "lr": 1e-2, "pretrain_epochs": 2},
     # Reference training reads only the ~144 labelled training cells: small minibatches
     # and a larger step give the transformer enough steps in two epochs.
     "RANKFORMER": {"batch_size": 16, "lr": 3e-3},

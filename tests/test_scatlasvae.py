@@ -1,11 +1,13 @@
-"""SCATLASVAE: likelihoods, batch-invariant encoder, surgery, label heads, kNN transfer."""
+"""SCATLASVAE: likelihoods, loss terms, head window, batch-invariant encoder, surgery, heads."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import mudata as md
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,10 +15,11 @@ import torch
 from conftest import UNKNOWN, assert_unchanged, make_counts_adata, snapshot
 from scvi import REGISTRY_KEYS
 
+from celltyper.data import AllCellsSplitter
 from celltyper.model import SCATLASVAE
 from celltyper.module import SCATLASVAEModule
-from celltyper.nn import CategoryTable, CovariateDecoder, group_mmd, rbf_mmd
-from celltyper.train import SCATLASVAETrainingPlan
+from celltyper.nn import CovariateDecoder, group_mmd, rbf_mmd
+from celltyper.train import RestoreBestWeights, SCATLASVAETrainingPlan, loss_terms
 
 TINY = {"n_hidden": 32, "n_latent": 8}
 FAST = {"enable_progress_bar": False, "batch_size": 32, "lr": 1e-2}
@@ -215,14 +218,20 @@ def query_model_initial_row(name, query_model):
     return fresh.module.state_dict()[name][-1]
 
 
-def test_frozen_rows_get_exactly_zero_gradient():
-    table = CategoryTable(4, 3)
-    table.freeze_leading_rows(3)
-    table(torch.tensor([0, 1, 2, 3, 3])).sum().backward()
-    assert torch.equal(table.weight.grad[:3], torch.zeros(3, 3))
-    assert torch.equal(table.weight.grad[3], torch.full((3,), 2.0))
-    with pytest.raises(ValueError, match="n must be"):
-        table.freeze_leading_rows(5)
+def test_frozen_rows_get_exactly_zero_gradient_even_after_loading_weights():
+    torch.manual_seed(0)
+    decoder = CovariateDecoder(2, 5, [4], n_hidden=6, embedding_dim=3)
+    decoder.freeze_leading_rows([3])
+    # scvi's Embedding replaces its parameter on load_state_dict (as RestoreBestWeights
+    # does); the freezing lives in the forward pass, so it survives.
+    decoder.load_state_dict(decoder.state_dict())
+    rows = decoder.covariate_rows(0, torch.tensor([0, 1, 2, 3, 3]))
+    rows.sum().backward()
+    grad = decoder.covariates[0].weight.grad
+    assert torch.equal(grad[:3], torch.zeros(3, 3))
+    assert torch.equal(grad[3], torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match="counts must be"):
+        decoder.freeze_leading_rows([5])
 
 
 # -- label heads ----------------------------------------------------------------------------
@@ -334,17 +343,192 @@ def test_prediction_loss_joins_for_the_last_epochs():
         model.train(max_epochs=3, n_epochs_prediction=1, callbacks=[RecordHead()], **FAST)
     assert torch.equal(snapshots[0], initial) and torch.equal(snapshots[1], initial)
     assert not torch.equal(snapshots[2], initial)
+    logged = model.history["prediction_weight"].to_numpy().ravel()
+    np.testing.assert_array_equal(logged, [0.0, 0.0, 1.0])
+    classification = model.history["classification_loss_train"].to_numpy().ravel()
+    assert classification[0] == 0.0 and classification[2] > 0.0
 
 
-def test_kl_warmup_and_prediction_schedule():
-    plan = SCATLASVAETrainingPlan(
-        _module(), n_epochs_kl_warmup=10, max_kl_weight=0.5, prediction_start_epoch=4
+def _fake_trainer(max_epochs, early_stopping=False, batches=3, epoch=0):
+    return SimpleNamespace(
+        max_epochs=max_epochs,
+        early_stopping_callback=object() if early_stopping else None,
+        num_training_batches=batches,
+        current_epoch=epoch,
+        global_step=0,
     )
-    assert plan.kl_weight(0) == 0.0
-    assert plan.kl_weight(5) == pytest.approx(0.25)
-    assert plan.kl_weight(50) == pytest.approx(0.5)
-    assert [plan.prediction_weight(e) for e in (3, 4, 9)] == [0.0, 1.0, 1.0]
-    assert SCATLASVAETrainingPlan(_module(), n_epochs_kl_warmup=0).kl_weight(0) == 1.0
+
+
+def test_plan_turns_n_epochs_prediction_into_a_start_epoch():
+    plan = SCATLASVAETrainingPlan(_module(n_labels_per_key=[2]), n_epochs_prediction=4)
+    plan._trainer = _fake_trainer(max_epochs=10, batches=200)
+    plan.on_train_start()
+    assert plan.prediction_start_epoch == 6
+    assert [plan.prediction_weight(e) for e in (5, 6, 9)] == [0.0, 1.0, 1.0]
+    plan._trainer = _fake_trainer(max_epochs=10, batches=200, epoch=5)
+    assert plan.scheduled_loss_kwargs(0) == {"prediction_weight": 0.0}
+    # A window longer than the fit, or None, trains the heads throughout.
+    plan._trainer = _fake_trainer(max_epochs=3, batches=200)
+    plan.on_train_start()
+    assert plan.prediction_start_epoch == 0
+    plan = SCATLASVAETrainingPlan(_module(n_labels_per_key=[2]), n_epochs_prediction=None)
+    plan._trainer = _fake_trainer(max_epochs=10)
+    plan.on_train_start()
+    assert plan.prediction_start_epoch == 0
+    with pytest.raises(ValueError, match="n_epochs_prediction"):
+        SCATLASVAETrainingPlan(_module(), n_epochs_prediction=0)
+
+
+def test_early_stopping_trains_the_heads_throughout_with_a_warning():
+    plan = SCATLASVAETrainingPlan(_module(n_labels_per_key=[2]), n_epochs_prediction=4)
+    plan._trainer = _fake_trainer(max_epochs=10, early_stopping=True)
+    with pytest.warns(UserWarning, match="early_stopping"):
+        plan.on_train_start()
+    assert plan.prediction_start_epoch == 0
+
+
+def test_short_head_window_warns_only_when_the_heads_learn():
+    plan = SCATLASVAETrainingPlan(_module(n_labels_per_key=[2]), n_epochs_prediction=2)
+    plan._trainer = _fake_trainer(max_epochs=10, batches=249)  # 498 steps
+    with pytest.warns(UserWarning, match="498 optimisation steps"):
+        plan.on_train_start()
+    plan._trainer = _fake_trainer(max_epochs=10, batches=250)  # 500 steps: enough
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan.on_train_start()
+        # Frozen heads (query surgery) learn nothing, whatever the window.
+        plan.module.heads.requires_grad_(False)
+        plan._trainer = _fake_trainer(max_epochs=10, batches=1)
+        plan.on_train_start()
+
+
+def test_kl_warmup_is_scvi_tools_own():
+    plan = SCATLASVAETrainingPlan(_module(), n_epochs_kl_warmup=10, max_kl_weight=0.5)
+    for epoch, expected in ((0, 0.0), (5, 0.25), (50, 0.5)):
+        plan._trainer = _fake_trainer(max_epochs=60, epoch=epoch)
+        assert float(plan.kl_weight) == pytest.approx(expected)
+    plan = SCATLASVAETrainingPlan(_module(), n_epochs_kl_warmup=0)
+    plan._trainer = _fake_trainer(max_epochs=60)
+    assert float(plan.kl_weight) == 1.0
+
+
+def test_covariate_tables_are_never_weight_decayed():
+    module = _module(n_labels_per_key=[2])
+    optimizer = SCATLASVAETrainingPlan(module, weight_decay=0.1).configure_optimizers()
+    groups = optimizer["optimizer"].param_groups
+    tables = {id(t.weight) for t in module.covariate_tables()}
+    decays = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decays[id(module.decoder.covariates[0].weight)] == 0.0
+    assert all(d == 0.1 for p, d in decays.items() if p not in tables)
+    assert len(decays) == len(list(module.parameters()))
+
+
+# -- the module's objective -------------------------------------------------------------------
+def _tensors(module_labels=(0, 1, 2, 0, 1, 2), n_input=3):
+    g = torch.Generator().manual_seed(1)
+    n = len(module_labels)
+    return {
+        REGISTRY_KEYS.X_KEY: torch.poisson(torch.full((n, n_input), 3.0), generator=g),
+        REGISTRY_KEYS.BATCH_KEY: torch.tensor([[0], [1]] * (n // 2)),
+        REGISTRY_KEYS.LABELS_KEY: torch.tensor(module_labels).view(-1, 1),
+    }
+
+
+def test_loss_terms_add_up_to_the_loss_and_are_hand_computable():
+    module = _module(n_labels_per_key=[2])
+    module.eval()  # no dropout, BatchNorm on its running statistics
+    tensors = _tensors()
+    torch.manual_seed(0)
+    inference, generative, out = module(
+        tensors, loss_kwargs={"kl_weight": 0.3, "prediction_weight": 2.0, "mmd_weight": 0.5}
+    )
+    terms = loss_terms(out)
+    assert set(terms) == {
+        "reconstruction_term_loss",
+        "kl_term_loss",
+        "classification_loss",
+        "mmd_loss",
+    }
+    torch.testing.assert_close(out.loss, sum(terms.values()))
+    x = tensors[REGISTRY_KEYS.X_KEY]
+    nll = module.reconstruction_loss(x, generative)
+    qz_m, qz_v = inference["qz_m"], inference["qz_v"]
+    kl = 0.5 * (qz_v + qz_m**2 - 1.0 - qz_v.log()).sum(dim=1)
+    torch.testing.assert_close(terms["reconstruction_term_loss"], nll.mean())
+    torch.testing.assert_close(terms["kl_term_loss"], 0.3 * kl.mean())
+    labelled = torch.tensor([0, 1, 3, 4])  # code 2 is the unlabelled category
+    labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1)[labelled]
+    ce = torch.nn.functional.cross_entropy(module.heads[0](qz_m[labelled]), labels)
+    torch.testing.assert_close(terms["classification_loss"], 2.0 * ce)
+    groups = tensors[REGISTRY_KEYS.BATCH_KEY].view(-1)
+    torch.testing.assert_close(terms["mmd_loss"], 0.5 * group_mmd(inference["z"], groups))
+    # scvi-tools' ELBO metrics read the per-cell terms.
+    torch.testing.assert_close(out.reconstruction_loss["reconstruction_loss"], nll)
+
+
+def test_heads_stay_out_of_the_graph_before_their_window():
+    module = _module(n_labels_per_key=[2])
+    _, _, out = module(_tensors(), loss_kwargs={"prediction_weight": 0.0})
+    assert float(loss_terms(out)["classification_loss"]) == 0.0
+    out.loss.backward()
+    # No gradient at all (not a zero one), so Adam does not count steps for the heads.
+    assert module.heads[0].weight.grad is None
+    assert module.encoder.encoder.fc_layers[0][0].weight.grad is not None
+
+
+def test_validation_loss_is_the_full_objective_with_accuracy():
+    module = _module(n_labels_per_key=[2])
+    module.eval()
+    tensors = _tensors()
+    torch.manual_seed(0)
+    out = module.validation_loss(tensors)
+    torch.manual_seed(0)
+    _, _, full = module(tensors, loss_kwargs={"kl_weight": 1.0, "prediction_weight": 1.0})
+    torch.testing.assert_close(out.loss, full.loss)
+    assert "mmd_loss" not in out.extra_metrics
+    labelled = torch.tensor([0, 1, 3, 4])
+    predicted = module.classify(tensors).argmax(dim=1)[labelled]
+    expected = (predicted == tensors[REGISTRY_KEYS.LABELS_KEY].view(-1)[labelled]).float()
+    torch.testing.assert_close(out.extra_metrics["accuracy"], expected.mean())
+
+
+def test_all_cells_splitter_passes_over_every_training_cell_once(counts_adata):
+    SCATLASVAE.setup_anndata(counts_adata, labels_key="train_label", batch_key="batch")
+    model = SCATLASVAE(counts_adata, **TINY)
+    splitter = AllCellsSplitter(
+        model.adata_manager, n_labels=model.n_labels, validation_size=0.1, batch_size=64
+    )
+    labelled = (counts_adata.obs["train_label"] != UNKNOWN).to_numpy()
+    assert labelled[splitter.val_idx].all()
+    assert len(splitter.val_idx) == round(0.1 * labelled.sum())
+    assert sorted([*splitter.train_idx, *splitter.val_idx]) == list(range(counts_adata.n_obs))
+    # One epoch: every training cell once (labelled and unlabelled alike, no cycling).
+    epoch = [b[REGISTRY_KEYS.X_KEY] for b in splitter.train_dataloader()]
+    x = np.asarray(counts_adata.X.todense())
+    assert sum(len(b) for b in epoch) == len(splitter.train_idx)
+    np.testing.assert_allclose(
+        torch.cat(epoch).sum(dim=0).numpy(), x[splitter.train_idx].sum(axis=0)
+    )
+
+
+def test_training_loss_decreases_and_restores_no_weights_by_default():
+    adata = make_counts_adata(cells_per=20)
+    SCATLASVAE.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = SCATLASVAE(adata, **TINY)
+    used = []
+
+    class RecordCallbacks(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            used.append(any(isinstance(c, RestoreBestWeights) for c in trainer.callbacks))
+
+    model.train(max_epochs=8, callbacks=[RecordCallbacks()], **FAST)
+    loss = model.history["train_loss"].to_numpy().ravel()
+    assert loss[-2:].mean() < 0.8 * loss[0]
+    assert {"elbo_train", "kl_term_loss_validation", "accuracy_validation"} <= set(model.history)
+    model.train(max_epochs=1, restore_best_weights=True, callbacks=[RecordCallbacks()], **FAST)
+    assert used == [False, True]
+    with pytest.raises(TypeError, match="kl_weight"):
+        model.train(max_epochs=1, kl_weight=0.5, **FAST)
 
 
 # -- MMD ----------------------------------------------------------------------------------
@@ -367,14 +551,14 @@ def test_training_with_mmd_and_other_likelihoods():
     for kwargs in ({"likelihood": "nb"}, {"likelihood": "mse", "normalize_total": 1e4}):
         model = SCATLASVAE(adata, **TINY, **kwargs)
         model.train(max_epochs=1, mmd_weight=1.0, **FAST)
-        logged = model.history["train_mmd"].to_numpy(dtype=float)
+        logged = model.history["mmd_loss_train"].to_numpy(dtype=float)
         assert logged.size and np.isfinite(logged).all()
         assert np.isfinite(model.get_latent_representation()).all()
     with pytest.raises(KeyError, match="mmd_key"):
         SCATLASVAE(adata, mmd_key="donor", **TINY)
 
 
-# -- unsupervised atlas, kNN transfer ----------------------------------------------------
+# -- unsupervised atlas, setup, interpretation ----------------------------------------------------
 def test_unsupervised_atlas_then_heads():
     raw = make_counts_adata(cells_per=20)
     atlas = raw.copy()
@@ -400,32 +584,6 @@ def test_unsupervised_atlas_then_heads():
     assert accuracy.mean() > 0.6
 
 
-def test_knn_transfer(trained_two_keys):
-    model, adata, raw = trained_two_keys
-    query = raw[raw.obs["batch"] == "b1"].copy()
-    before = snapshot(query)
-    result = model.knn_transfer(query, n_neighbors=10)
-    assert_unchanged(query, before)
-    assert result.index.equals(query.obs_names)
-    assert list(result.columns) == ["prediction", "probability", "uncertainty"]
-    np.testing.assert_allclose(result["uncertainty"], 1.0 - result["probability"])
-    assert ((result["uncertainty"] >= 0) & (result["uncertainty"] <= 1)).all()
-    known = (query.obs["cell_type"] != "Novel").to_numpy()
-    truth = query.obs["cell_type"].astype(str).to_numpy()
-    assert (result["prediction"].to_numpy()[known] == truth[known]).mean() > 0.6
-    # Uniform votes: the uncertainty is 1 - the share of neighbours agreeing.
-    uniform = model.knn_transfer(query, n_neighbors=10, weighting="uniform")
-    shares = uniform["probability"].to_numpy() * 10
-    np.testing.assert_allclose(shares, np.round(shares), atol=1e-6)
-    # An explicit labelled reference and another label key.
-    coarse = model.knn_transfer(query, reference=adata, labels_key="coarse", n_neighbors=5)
-    assert set(coarse["prediction"]) <= {"A", "B"}
-    with pytest.raises(ValueError, match="n_neighbors"):
-        model.knn_transfer(query, n_neighbors=0)
-    with pytest.raises(KeyError, match="labels_key"):
-        model.knn_transfer(query, reference=adata, labels_key="nope")
-
-
 def test_setup_rejects_bad_extra_keys_and_leaves_adata_unchanged():
     adata = make_counts_adata(cells_per=5)
     adata.obs["donor"] = pd.Categorical(["d1"] * (adata.n_obs - 1) + [np.nan])
@@ -439,3 +597,72 @@ def test_setup_rejects_bad_extra_keys_and_leaves_adata_unchanged():
     with pytest.raises(ValueError, match="twice"):
         SCATLASVAE.setup_anndata(adata, labels_key=["train_label", "train_label"])
     assert_unchanged(adata, before)
+
+
+def test_setup_mudata_with_several_label_keys_and_covariates():
+    raw = _with_two_keys(make_counts_adata(cells_per=10))
+    raw.obs["donor"] = np.where(np.arange(raw.n_obs) % 2, "d1", "d2")
+    rna = raw.copy()
+    rna.obs = pd.DataFrame(index=rna.obs_names)
+    mdata = md.MuData({"rna": rna})
+    for column in ("fine", "coarse", "batch", "donor"):
+        mdata.obs[column] = raw.obs[column].to_numpy()
+    SCATLASVAE.setup_mudata(
+        mdata,
+        labels_key=["fine", "coarse"],
+        batch_key="batch",
+        categorical_covariate_keys="donor",
+    )
+    model = SCATLASVAE(mdata, **TINY)
+    args = model.registry_["setup_args"]
+    # The registry holds one form of the keys, as setup_anndata writes them.
+    assert args["labels_key"] == "fine" and args["extra_labels_keys"] == ["coarse"]
+    assert args["categorical_covariate_keys"] == ["donor"]
+    assert model.labels_keys == ["fine", "coarse"] and model.covariate_keys == ["donor"]
+    model.train(max_epochs=1, **FAST)
+    table = model.predict_all_keys()
+    assert list(table.columns) == ["fine", "coarse"] and len(table) == mdata.n_obs
+    other = md.MuData({"rna": rna.copy()})
+    for column in ("batch", "donor"):
+        other.obs[column] = raw.obs[column].to_numpy()
+    pd.testing.assert_frame_equal(model.predict_all_keys(other), table)
+
+
+# -- interpretation ---------------------------------------------------------------------------
+def test_interpretation_input_is_what_the_encoder_reads():
+    for target_sum in (None, 1e4):
+        module = _module(n_labels_per_key=[2], target_sum=target_sum)
+        module.eval()
+        tensors = _tensors()
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        expected = torch.log1p(
+            x if target_sum is None else x / x.sum(dim=1, keepdim=True) * target_sum
+        )
+        torch.testing.assert_close(module.interpretation_input(tensors), expected)
+        torch.testing.assert_close(
+            module.logits_from_interpretation_input(module.interpretation_input(tensors)),
+            module.classify(tensors),
+        )
+    assert module.interpretable
+
+
+def test_interpret_ranks_the_primary_heads_marker_genes():
+    adata = make_counts_adata(cells_per=40)
+    SCATLASVAE.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = SCATLASVAE(adata, **TINY)
+    model.train(max_epochs=15, n_epochs_prediction=None, **FAST)
+    ranking, per_cell = model.interpret(
+        groupby="cell_type", target="T1", n_samples=16, max_cells=40, seed=0
+    )
+    assert per_cell.shape == (40, adata.n_vars)
+    markers = set(adata.var_names[adata.var["marker_of"] == "T1"])
+    top = set(ranking["gene"].head(10))
+    assert len(top & markers) >= 3, f"top genes {sorted(top)} vs markers {sorted(markers)}"
+
+
+def test_interpret_needs_label_heads():
+    adata = make_counts_adata(cells_per=5)
+    SCATLASVAE.setup_anndata(adata, batch_key="batch")
+    model = SCATLASVAE(adata, **TINY)
+    with pytest.raises(ValueError, match="without labels_key"):
+        model.interpret(groupby="cell_type", target="T1")

@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import warnings
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 from conftest import log_normalize, make_counts_adata
+from scvi import REGISTRY_KEYS
 from sklearn.metrics import adjusted_rand_score, average_precision_score, roc_auc_score
 
 import celltyper
+from celltyper.data import DATASET_KEY, PSEUDO_LABELS_KEY, n_clusters_for
 from celltyper.metrics import evaluation_scores
 from celltyper.model import SCPRETRAIN
-from celltyper.model._scpretrain import n_clusters_for
-from celltyper.module import PseudoLabelHeads
+from celltyper.module import PseudoLabelHeads, SCPRETRAINModule
 from celltyper.nn import kmeans
+from celltyper.train import FineTuningTrainingPlan, PseudoLabelTrainingPlan, loss_terms
 
 QUIET = {"enable_progress_bar": False}
 TINY = {"n_latent": 16, "classifier_hidden": 16}
+
+
+class _StageRecorder(pl.Callback):
+    """Records the plan class and loss keywords of every stage a ``train()`` runs."""
+
+    def __init__(self):
+        self.stages: list[tuple[type, dict]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.stages.append((type(pl_module), dict(pl_module.loss_kwargs)))
+
+    @property
+    def plans(self) -> list[type]:
+        return [plan for plan, _ in self.stages]
 
 
 # -- K-means ----------------------------------------------------------------------------------
@@ -101,6 +118,90 @@ def test_heads_loss_is_each_cells_summed_cross_entropy_over_its_datasets_heads()
         PseudoLabelHeads(4, [[3, 2], [5]])
 
 
+# -- the module's loss --------------------------------------------------------------------------
+def _module_and_batch(n=8, n_labels=3):
+    torch.manual_seed(0)
+    module = SCPRETRAINModule(n_input=6, n_labels=n_labels, n_latent=4, classifier_hidden=5)
+    x = torch.poisson(torch.full((n, 6), 3.0))
+    labels = torch.tensor([0, 1, 2, 3, 3, 1, 0, 3])[:n].view(-1, 1)  # 3 = unlabelled
+    return module, {REGISTRY_KEYS.X_KEY: x, REGISTRY_KEYS.LABELS_KEY: labels}
+
+
+def test_fine_tuning_loss_is_labelled_cross_entropy_plus_weighted_entropy():
+    module, tensors = _module_and_batch()
+    _, _, output = module(tensors, loss_kwargs={"entropy_weight": 0.5})
+    logits = module.classify(tensors)
+    labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1)
+    known = labels < 3
+    ce = torch.nn.functional.cross_entropy(logits[known], labels[known])
+    p = torch.softmax(logits[~known], dim=1)
+    entropy = -(p * p.log()).sum(dim=1).mean()
+    terms = loss_terms(output)
+    assert set(terms) == {"classification_loss", "entropy_loss"}
+    torch.testing.assert_close(terms["classification_loss"], ce)
+    torch.testing.assert_close(terms["entropy_loss"], 0.5 * entropy)
+    torch.testing.assert_close(output.loss, ce + 0.5 * entropy)
+    # By default (weight 0) only labelled cells count.
+    _, _, plain = module(tensors)
+    torch.testing.assert_close(plain.loss, ce)
+
+
+def test_pretraining_loss_is_the_heads_summed_cross_entropy():
+    module, tensors = _module_and_batch()
+    heads = PseudoLabelHeads(4, [[2, 3], [2, 2]])
+    tensors[DATASET_KEY] = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    tensors[PSEUDO_LABELS_KEY] = torch.tensor([[1, 2], [0, 1], [0, 0], [1, 1]] * 2)
+    _, _, output = module(tensors, loss_kwargs={"pseudo_label_heads": heads})
+    z = module.embed(tensors)
+    expected = heads.loss(z, tensors[DATASET_KEY], tensors[PSEUDO_LABELS_KEY])
+    torch.testing.assert_close(output.loss, expected)
+    assert set(loss_terms(output)) == {"pseudo_label_loss"}
+    accuracy = heads.accuracy(z, tensors[DATASET_KEY], tensors[PSEUDO_LABELS_KEY])
+    for r, value in enumerate(accuracy):
+        assert float(output.extra_metrics[f"pseudo_label_accuracy_{r}"]) == pytest.approx(value)
+    # The loss reaches the encoder and the heads, never the classifier.
+    output.loss.backward()
+    assert module.encoder[0].weight.grad is not None
+    assert all(p.grad is not None for p in heads.parameters())
+    assert all(p.grad is None for p in module.classifier.parameters())
+
+
+def test_plans_train_their_own_parameters():
+    module, tensors = _module_and_batch()
+    heads = PseudoLabelHeads(4, [[2]])
+    pretraining = PseudoLabelTrainingPlan(module, pseudo_label_heads=heads, lr=0.5)
+    assert pretraining.loss_kwargs["pseudo_label_heads"] is heads
+    names = {id(p) for p in pretraining.trainable_parameters()}
+    assert names == {id(p) for p in [*module.encoder.parameters(), *heads.parameters()]}
+    # The classifier's BatchNorm statistics do not move during pretraining.
+    pretraining.on_train_epoch_start()
+    assert module.encoder.training and not module.classifier.training
+
+    frozen = FineTuningTrainingPlan(module, freeze_encoder=True)
+    assert {id(p) for p in frozen.trainable_parameters()} == {
+        id(p) for p in module.classifier.parameters()
+    }
+    frozen.on_train_epoch_start()
+    assert not module.encoder.training and module.classifier.training
+    inference, _, output = frozen(tensors)
+    assert not inference["z"].requires_grad and output.loss.requires_grad
+    inference, _, _ = FineTuningTrainingPlan(module)(tensors)
+    assert inference["z"].requires_grad
+
+
+def test_validation_score_is_accuracy_ties_broken_by_the_loss():
+    module, tensors = _module_and_batch()
+    module.eval()
+    output = FineTuningTrainingPlan(module).validation_loss_output(tensors)
+    labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1)
+    known = labels < 3
+    logits = module.classify(tensors)[known]
+    accuracy = (logits.argmax(1) == labels[known]).float().mean()
+    loss = torch.nn.functional.cross_entropy(logits, labels[known])
+    torch.testing.assert_close(output.loss, loss)
+    torch.testing.assert_close(output.extra_metrics["score"], accuracy - 1e-4 * loss)
+
+
 # -- pretraining --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pretrained():
@@ -136,14 +237,20 @@ def test_pretraining_lowers_the_pseudo_label_loss(pretrained):
     model, _ = pretrained
     loss = model.pretrain_history_["loss"]
     for phase in (1, 2):
-        curve = loss.loc[loss["phase"] == phase, "pretrain_loss"].to_numpy()
+        curves = loss.loc[loss["phase"] == phase]
+        curve = curves["train_loss"].to_numpy()
         assert len(curve) == 15
         assert curve[-3:].mean() < 0.7 * curve[0], curve
+        # The loss is its one term; the heads learn their pseudo-labels.
+        np.testing.assert_allclose(curves["pseudo_label_loss_train"], curve, rtol=1e-6)
+        accuracy = curves["pseudo_label_accuracy_1_train"].to_numpy()
+        assert accuracy[-1] > accuracy[0]
     # Timing is recorded.
     history = model.pretrain_history_
     assert history["kmeans_seconds"] > 0 and history["train_seconds"] > 0
     assert history["total_seconds"] >= history["kmeans_seconds"] + history["train_seconds"]
-    assert model.is_pretrained_ and not model.is_trained_
+    # Pretraining alone leaves the model untrained, and its classifier as it was built.
+    assert model.is_pretrained_ and not model.is_trained_ and model.history is None
 
 
 def test_pretraining_separates_the_cell_types(pretrained):
@@ -203,7 +310,7 @@ def test_pretrain_bad_arguments():
     adata = make_counts_adata(cells_per=10)
     SCPRETRAIN.setup_anndata(adata, labels_key="train_label", batch_key="batch")
     model = SCPRETRAIN(adata, **TINY)
-    with pytest.raises(ValueError, match="max_epochs"):
+    with pytest.raises(ValueError, match="pretrain_epochs"):
         model.pretrain(max_epochs=0)
     with pytest.raises(ValueError, match="n_phases"):
         model.pretrain(n_phases=0)
@@ -211,38 +318,69 @@ def test_pretrain_bad_arguments():
         model.pretrain(resolutions=(100, -1))
     with pytest.raises(ValueError, match="pretrain"):
         model.train(pretrain="sometimes")
-    assert not model.is_pretrained_
+    with pytest.raises(ValueError, match="early_stopping_monitor"):
+        model.train(early_stopping_monitor="train_loss")
+    with pytest.raises(TypeError, match="pretrain_kwargs"):
+        model.train(pretrain_kwargs={"max_epochs": 1})
+    with pytest.raises(TypeError, match="pseudo_label_heads"):
+        model.train(pseudo_label_heads=None)  # built by the model, not a setting
+    assert not model.is_pretrained_ and not model.is_trained_
 
 
-# -- fine-tuning ---------------------------------------------------------------------------------
-def test_train_auto_pretrains_once_and_false_trains_from_scratch(monkeypatch):
+# -- the stages of train() -----------------------------------------------------------------------
+def test_train_auto_pretrains_once_and_false_trains_from_scratch():
     adata = make_counts_adata(cells_per=15)
     SCPRETRAIN.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    calls = []
-    original = SCPRETRAIN.pretrain
-
-    def recording(self, **kwargs):
-        calls.append(kwargs)
-        return original(self, **kwargs)
-
-    monkeypatch.setattr(SCPRETRAIN, "pretrain", recording)
     model = SCPRETRAIN(adata, **TINY)
-    model.train(max_epochs=1, pretrain_kwargs={"max_epochs": 1}, **QUIET)
-    assert len(calls) == 1 and calls[0]["max_epochs"] == 1 and model.is_pretrained_
-    model.train(max_epochs=1, **QUIET)  # already pretrained: fine-tunes only
-    assert len(calls) == 1
-    model.train(max_epochs=1, pretrain=True, pretrain_kwargs={"max_epochs": 1}, **QUIET)
-    assert len(calls) == 2
+    recorder = _StageRecorder()
+    model.train(max_epochs=2, pretrain_epochs=1, callbacks=[recorder], **QUIET)
+    pretraining, fine_tuning = PseudoLabelTrainingPlan, FineTuningTrainingPlan
+    assert recorder.plans == [pretraining, pretraining, fine_tuning]
+    assert model.is_pretrained_ and model.is_trained_
+    # pretrain_epochs sets the phases, max_epochs the fine-tuning.
+    assert set(model.pretrain_history_["loss"].groupby("phase").size()) == {1}
+    assert len(model.history["train_loss"]) == 2
+    assert "score_validation" in model.history and "accuracy_validation" in model.history
+    # Heads of the last phase were given to its plan.
+    assert recorder.stages[1][1]["pseudo_label_heads"] is model.pretrain_heads
+    model.train(max_epochs=1, callbacks=[recorder], **QUIET)  # pretrained: fine-tunes only
+    assert recorder.plans[3:] == [fine_tuning]
+    model.train(max_epochs=1, pretrain=True, n_phases=1, callbacks=[recorder], **QUIET)
+    assert recorder.plans[4:] == [pretraining, fine_tuning]
     scratch = SCPRETRAIN(adata, **TINY)
-    scratch.train(max_epochs=1, pretrain=False, **QUIET)
-    assert len(calls) == 2 and not scratch.is_pretrained_ and scratch.is_trained_
+    scratch.train(max_epochs=1, pretrain=False, callbacks=[recorder], **QUIET)
+    assert recorder.plans[6:] == [fine_tuning]
+    assert not scratch.is_pretrained_ and scratch.is_trained_
+
+
+def test_pretrain_runs_only_the_pretraining_and_keeps_the_fine_tuning_record():
+    adata = make_counts_adata(cells_per=15)
+    SCPRETRAIN.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = SCPRETRAIN(adata, **TINY)
+    model.train(max_epochs=2, pretrain=False, **QUIET)
+    history, validation = model.history, model.validation_indices
+    classifier = {k: v.clone() for k, v in model.module.classifier.state_dict().items()}
+    recorder = _StageRecorder()
+    model.pretrain(max_epochs=2, batch_size=32, n_phases=1, lr=0.05, callbacks=[recorder], **QUIET)
+    assert recorder.plans == [PseudoLabelTrainingPlan]
+    assert model.is_pretrained_ and model.is_trained_
+    assert model.history is history and model.validation_indices is validation
+    assert len(model.pretrain_history_["loss"]) == 2
+    # Every cell (150) in minibatches of 32: 5 steps per epoch (not 1 of 256).
+    assert adata.n_obs == 150 and model.trainer.num_training_batches == 5
+    # Pretraining never touches the classifier head, nor its BatchNorm statistics.
+    for key, value in model.module.classifier.state_dict().items():
+        assert torch.equal(value, classifier[key]), key
 
 
 def test_frozen_encoder_fine_tune_leaves_encoder_untouched(pretrained):
     model, _ = pretrained
     encoder = {k: v.clone() for k, v in model.module.encoder.state_dict().items()}
     classifier = {k: v.clone() for k, v in model.module.classifier.state_dict().items()}
+    model.module.encoder.zero_grad(set_to_none=True)
     model.train(max_epochs=3, freeze_encoder=True, batch_size=16, **QUIET)
+    # The frozen encoder ran without gradient (none left for a later fit to pick up).
+    assert all(p.grad is None for p in model.module.encoder.parameters())
     for key, value in model.module.encoder.state_dict().items():
         assert torch.equal(value, encoder[key]), f"encoder {key} changed"
     moved = [
@@ -276,22 +414,30 @@ def test_only_labelled_cells_enter_the_fine_tuning_loss(pretrained):
         assert torch.equal(value, results[1][key]), key
 
 
-def test_fine_tuning_monitors_validation_accuracy(pretrained, monkeypatch):
+def test_fine_tuning_stage_settings(pretrained):
     model, _ = pretrained
-    captured = {}
+    options = {**SCPRETRAIN._train_options, "pretrain": False}
+    (stage,) = model._training_stages(options)
+    assert (stage.name, stage.max_epochs, stage.early_stopping_patience) == ("finetune", 200, 20)
+    assert (stage.monitor, stage.monitor_mode) == ("score_validation", "max")
+    assert stage.splitter_kwargs == {"include_unlabelled": False}  # labelled cells only
+    (stage,) = model._training_stages({**options, "early_stopping_monitor": "validation_loss"})
+    assert (stage.monitor, stage.monitor_mode) == ("validation_loss", "min")
 
-    def fake_run_training(self, plan, splitter, max_epochs, **kwargs):
-        captured.update(kwargs, plan=plan, splitter=splitter)
 
-    monkeypatch.setattr(SCPRETRAIN, "_run_training", fake_run_training)
-    model.train(max_epochs=5, **QUIET)
-    assert captured["monitor"] == "validation_score" and captured["monitor_mode"] == "max"
-    assert captured["plan"].entropy_weight == 0.0
-    assert len(captured["splitter"].unlabelled_idx) == 0  # reference: labelled cells only
-    model.train(max_epochs=5, early_stopping_monitor="validation_loss", **QUIET)
-    assert captured["monitor"] == "validation_loss" and captured["monitor_mode"] == "min"
-    with pytest.raises(ValueError, match="early_stopping_monitor"):
-        model.train(early_stopping_monitor="train_loss")
+def test_validation_score_logged_by_fine_tuning():
+    adata = make_counts_adata(cells_per=15)
+    SCPRETRAIN.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    fresh = SCPRETRAIN(adata, **TINY)
+    fresh.train(max_epochs=3, pretrain=False, batch_size=16, **QUIET)
+    history = fresh.history
+    accuracy = history["accuracy_validation"].to_numpy(dtype=float).ravel()
+    loss = history["validation_loss"].to_numpy(dtype=float).ravel()
+    np.testing.assert_allclose(
+        history["score_validation"].to_numpy(dtype=float).ravel(),
+        accuracy - 1e-4 * loss,
+        atol=1e-6,
+    )
 
 
 # -- evaluation and classic classifiers --------------------------------------------------------
@@ -381,7 +527,7 @@ def test_transfer_pretrain_collection_then_fine_tune_query_labels():
     reference = raw[raw.obs["batch"] != "b2"].copy()
     SCPRETRAIN.setup_anndata(reference, labels_key="train_label", batch_key="batch")
     model = SCPRETRAIN(reference, **TINY)
-    model.train(max_epochs=10, batch_size=16, pretrain_kwargs={"max_epochs": 5}, **QUIET)
+    model.train(max_epochs=10, batch_size=16, pretrain_epochs=5, **QUIET)
     query = raw[raw.obs["batch"] == "b2"].copy()
     query.obs["train_label"] = query.obs["cell_type"].astype(str).replace("Novel", "Unknown")
     query = query[:, ::-1].copy()  # genes in another order
@@ -400,6 +546,17 @@ def test_transfer_pretrain_collection_then_fine_tune_query_labels():
     known = (query.obs["cell_type"] != "Novel").to_numpy()
     predicted = query_model.predict()
     assert (predicted[known] == query.obs["cell_type"].astype(str).to_numpy()[known]).mean() > 0.8
+    # A query without any labelled cell adapts its head by entropy minimisation.
+    recorder = _StageRecorder()
+    query_model.train(max_epochs=1, batch_size=16, callbacks=[recorder], **QUIET)
+    assert recorder.stages[0][1] == {}  # labelled query cells: the loss's default, 0
+    unlabelled = query.copy()
+    unlabelled.obs["train_label"] = "Unknown"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapting = SCPRETRAIN.load_query_data(unlabelled, model)
+        adapting.train(max_epochs=1, batch_size=16, callbacks=[recorder], **QUIET)
+    assert recorder.stages[1][1] == {"entropy_weight": 1.0}
 
 
 def test_lognormalised_input_is_used_as_is():
@@ -407,7 +564,7 @@ def test_lognormalised_input_is_used_as_is():
     SCPRETRAIN.setup_anndata(adata, labels_key="train_label", batch_key="batch")
     model = SCPRETRAIN(adata, **TINY)
     assert model.input_kind_ == "normalized" and not model.module.normalize_counts
-    model.train(max_epochs=1, pretrain_kwargs={"max_epochs": 1}, **QUIET)
+    model.train(max_epochs=1, pretrain_epochs=1, **QUIET)
     assert model.predict().shape == (adata.n_obs,)
 
 
@@ -426,3 +583,19 @@ def test_save_load_keeps_pretraining_record(pretrained, tmp_path):
     np.testing.assert_allclose(
         loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
     )
+
+
+def test_interpret_ranks_marker_genes(pretrained):
+    """The base interpret() reads the module's log-expression input."""
+    model, adata = pretrained
+    if not model.is_trained_:
+        model.train(max_epochs=20, batch_size=16, lr=1e-2, **QUIET)
+    assert model.module.interpretable
+    ranking, per_cell = model.interpret(
+        groupby="cell_type", target="T1", n_samples=8, max_cells=30, seed=0
+    )
+    assert per_cell.shape == (30, adata.n_vars)
+    assert ranking["mean_attribution"].is_monotonic_decreasing
+    markers = set(adata.var_names[adata.var["marker_of"] == "T1"])
+    top = set(ranking["gene"].head(10))
+    assert len(top & markers) >= 3, f"top genes {sorted(top)} vs markers {sorted(markers)}"

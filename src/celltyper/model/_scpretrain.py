@@ -5,54 +5,54 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.model._utils import parse_device_args
-from scvi.train import Trainer
 
-from celltyper.data import LabelledUnlabelledSplitter
+from celltyper.data import (
+    LabelledUnlabelledSplitter,
+    PseudoLabelDataModule,
+    check_resolutions,
+    kmeans_pseudo_labels,
+    n_clusters_for,
+)
 from celltyper.metrics import evaluation_scores
 from celltyper.module import PseudoLabelHeads, SCPRETRAINModule
-from celltyper.nn import KMeansResult, kmeans
-from celltyper.train import FineTuningTrainingPlan, PseudoLabelDataModule, PseudoLabelTrainingPlan
+from celltyper.train import FineTuningTrainingPlan, PseudoLabelTrainingPlan
 
-from .base import CellTyperModel, seeded
+from .base import CellTyperModel, TrainingStage, seeded
 
 logger = logging.getLogger(__name__)
 
 #: Cells per cluster of the three K-means resolutions of the paper: K = n/100, n/50, n/200.
 DEFAULT_RESOLUTIONS = (100, 50, 200)
-
-
-def n_clusters_for(n_cells: int, cells_per_cluster: int) -> int:
-    """``n_cells // cells_per_cluster + 1`` clusters, kept within ``[2, n_cells]``.
-
-    The paper's ``K = n / r + 1``; a dataset of fewer than ``r`` cells would otherwise get a
-    single cluster (a head with nothing to learn), so ``K`` is at least 2, and never
-    more than the number of cells (a one-cell dataset gets one cluster).
-    """
-    if cells_per_cluster < 1:
-        raise ValueError(f"resolutions must be positive cell counts, got {cells_per_cluster}.")
-    return int(min(n_cells, max(2, n_cells // cells_per_cluster + 1)))
+#: Name prefix of the pretraining stages (``pretrain_1``, ``pretrain_2``, ...).
+_PRETRAIN = "pretrain"
+#: ``early_stopping_monitor`` -> (logged metric, mode) of the fine-tuning stage.
+_MONITORS = {
+    "validation_accuracy": ("score_validation", "max"),  # accuracy, ties broken by the loss
+    "validation_loss": ("validation_loss", "min"),
+}
+#: What a fit records on the model; pretraining leaves the fine-tuning's record alone.
+_FIT_RECORD = ("history_", "is_trained_", "train_indices", "validation_indices", "test_indices")
 
 
 class SCPRETRAIN(CellTyperModel):
     """scPretrain: an encoder pretrained to predict K-means pseudo-labels, then fine-tuned.
 
-    :meth:`pretrain` learns a representation from unlabelled cells. Phase 1 clusters
-    each dataset (category of ``batch_key``, or the whole data) with K-means at three
+    Pretraining learns a representation from unlabelled cells. Phase 1 clusters each
+    dataset (category of ``batch_key``, or the whole data) with K-means at three
     resolutions (``K = n/100, n/50, n/200``, plus 1) on its log1p-normalised expression;
     a shared encoder (``Linear(genes, 200) -> sigmoid``) feeds one linear head per
     (dataset, resolution), and the loss is the sum of each cell's cross-entropies over
     the heads of its own dataset. Phase 2 re-clusters the encoder's output, builds new
-    heads and trains again. :meth:`train` then adds a classifier (200 -> 100 -> cell
-    types) and fine-tunes it, with the encoder or on the frozen encoder, on the labelled
+    heads and trains again. Fine-tuning then adds a classifier (200 -> 100 -> cell
+    types) and trains it, with the encoder or on the frozen encoder, on the labelled
     cells only. Input: ``log1p(x / total * 1e4)``; raw counts are normalised by the
     module minibatch by minibatch, log-normalised data are used as they are.
 
@@ -68,8 +68,43 @@ class SCPRETRAIN(CellTyperModel):
     classifier_hidden
         Width of the classifier's hidden layer.
     seed
-        Seed of the weight initialisation and the default seed of :meth:`pretrain` and
-        :meth:`train` (K-means, heads, minibatches, split).
+        Seed of the weight initialisation and the default seed of :meth:`train` and
+        :meth:`pretrain` (K-means, heads, minibatches, split).
+
+    Notes
+    -----
+    :meth:`train` (shared by every model) runs one stage per pretraining phase
+    (``pretrain_1``, ``pretrain_2``: 30 epochs each on every cell, minibatches of 256,
+    nothing held out), then ``finetune``: up to 200 epochs on the labelled cells,
+    minibatches of 64, 10 % of each type held out, early stopping after 20 epochs
+    without improvement, the best epoch's weights restored. Its own options:
+
+    - ``pretrain``: ``"auto"`` (default) pretrains first unless the model is pretrained
+      or a query model (whose encoder is the reference's), so ``train()`` alone is the
+      published method; ``True`` pretrains (again) first; ``False`` fine-tunes the
+      encoder as it is (never pretrained: the from-scratch baseline); ``"only"``
+      pretrains without fine-tuning (:meth:`pretrain`);
+    - ``n_phases`` (2), ``pretrain_epochs`` (of each phase; ``None``: ``max_epochs``,
+      else 30), ``pretrain_batch_size`` (256);
+    - ``resolutions``: cells per cluster ``r``, ``K = n // r + 1`` clusters for a dataset
+      of ``n`` cells (see :func:`~celltyper.data.n_clusters_for`); ``kmeans_max_iter``,
+      ``kmeans_tol``, ``kmeans_batch_size`` of :func:`~celltyper.nn.kmeans` (run on the
+      training device);
+    - ``early_stopping_monitor``: ``"validation_accuracy"`` (as published; equal
+      accuracies ordered by the loss: ``score_validation``) or ``"validation_loss"``.
+
+    Hyperparameters, by name or in ``plan_kwargs``: ``lr`` (1e-3), ``weight_decay`` (0)
+    and ``optimizer`` (Adam) of every stage; ``freeze_encoder`` of
+    :class:`~celltyper.train.FineTuningTrainingPlan` (train only the head);
+    ``entropy_weight`` of :meth:`~celltyper.module.SCPRETRAINModule.loss` (0, or 1 for a
+    query without labelled cells: entropy minimisation as in TENT). A query model also
+    passes its unlabelled cells through the head, so its BatchNorm statistics adapt.
+
+    Pretraining sets ``is_pretrained_``, ``pseudo_labels_`` (phase -> cells x
+    resolutions), :attr:`pretrain_heads` and ``pretrain_history_``: ``"loss"`` (curves
+    per phase and epoch), ``"kmeans"`` (per clustering: clusters, inertia, iterations,
+    seconds), ``"kmeans_seconds"``, ``"train_seconds"``, ``"total_seconds"``.
+    ``history`` keeps the fine-tuning's curves.
 
     Examples
     --------
@@ -88,12 +123,21 @@ class SCPRETRAIN(CellTyperModel):
 
     _module_cls = SCPRETRAINModule
     _training_plan_cls = FineTuningTrainingPlan
-    _pretrain_plan_cls = PseudoLabelTrainingPlan
     _data_splitter_cls = LabelledUnlabelledSplitter
     _input_kind = "log1p"
     _requires_labels = True
-
-    is_pretrained_: bool = False
+    _train_defaults = {"batch_size": 64, "validation_size": 0.1, "early_stopping": True}
+    _train_options = {
+        "pretrain": "auto",
+        "n_phases": 2,
+        "pretrain_epochs": None,
+        "pretrain_batch_size": 256,
+        "resolutions": DEFAULT_RESOLUTIONS,
+        "kmeans_max_iter": 30,
+        "kmeans_tol": 1e-3,
+        "kmeans_batch_size": 4096,
+        "early_stopping_monitor": "validation_accuracy",
+    }
 
     def __init__(
         self,
@@ -118,6 +162,7 @@ class SCPRETRAIN(CellTyperModel):
         self.pseudo_labels_: dict[int, np.ndarray] | None = None
         self.pretrain_history_: dict | None = None
         self._pretrain_heads: PseudoLabelHeads | None = None
+        self._pretraining: dict | None = None  # the record of a pretraining in progress
         encoder = " -> ".join(str(w) for w in (*tuple(n_hidden), n_latent))
         self._model_summary_string = (
             f"SCPRETRAIN with encoder genes -> {encoder} (sigmoid), classifier "
@@ -125,14 +170,207 @@ class SCPRETRAIN(CellTyperModel):
         )
         self.init_params_ = self._get_init_params(locals())
 
-    # -- pretraining ------------------------------------------------------------------------
     @property
     def pretrain_heads(self) -> PseudoLabelHeads | None:
-        """Heads of the last pretraining phase (``None`` before :meth:`pretrain`).
+        """Heads of the last pretraining phase (``None`` before pretraining).
 
         Not saved with the model: they only serve pretraining.
         """
         return self._pretrain_heads
+
+    def pretrain(
+        self, max_epochs: int | None = None, batch_size: int | None = None, **kwargs
+    ) -> None:
+        """Pretrain the encoder on K-means pseudo-labels of every cell (no label used).
+
+        The pretraining stages of :meth:`train` alone (``train(pretrain="only")``).
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs of each phase (``None``: 30).
+        batch_size
+            Minibatch size (``None``: 256).
+        **kwargs
+            Keywords of :meth:`train`: the options ``n_phases``, ``resolutions``,
+            ``kmeans_max_iter``, ... (see the class Notes), ``lr``, ``weight_decay``,
+            ``seed``, ``accelerator``, ``devices``, ``enable_progress_bar`` (also of the
+            K-means), Trainer keywords.
+        """
+        if batch_size is not None:
+            kwargs["pretrain_batch_size"] = batch_size
+        self.train(pretrain="only", pretrain_epochs=max_epochs, **kwargs)
+
+    # -- the stages of train() --------------------------------------------------------------
+    def _extra_plan_classes(self) -> tuple[type, ...]:
+        return (PseudoLabelTrainingPlan,)
+
+    def _computed_plan_arguments(self) -> set[str]:
+        return {"pseudo_label_heads"}
+
+    def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:
+        mode, monitor = options["pretrain"], options["early_stopping_monitor"]
+        if mode not in ("auto", True, False, "only"):
+            raise ValueError(f"pretrain must be 'auto', True, False or 'only', got {mode!r}.")
+        if monitor not in _MONITORS:
+            raise ValueError(
+                f"early_stopping_monitor must be one of {list(_MONITORS)}, got {monitor!r}."
+            )
+        stages = []
+        auto = mode == "auto" and not self.is_pretrained_ and not self._is_query_model
+        if mode in (True, "only") or auto:
+            if auto:
+                logger.info(
+                    "SCPRETRAIN: the encoder is not pretrained; pretraining first (pass "
+                    "pretrain=False to train from scratch)."
+                )
+            stages += self._pretraining_stages(options)
+        if mode != "only":
+            metric, direction = _MONITORS[monitor]
+            query = self._is_query_model
+            stages.append(
+                TrainingStage(
+                    "finetune",
+                    self._training_plan_cls,
+                    max_epochs=200,
+                    splitter_kwargs={"include_unlabelled": query},
+                    monitor=metric,
+                    monitor_mode=direction,
+                    early_stopping_patience=20,
+                )
+            )
+        return stages
+
+    def _pretraining_stages(self, options: dict[str, Any]) -> list[TrainingStage]:
+        n_phases = options["n_phases"]
+        if int(n_phases) != n_phases or n_phases < 1:
+            raise ValueError(f"n_phases must be a whole number >= 1, got {n_phases!r}.")
+        resolutions = check_resolutions(options["resolutions"])
+        if any(not p.requires_grad for p in self.module.encoder.parameters()):
+            raise ValueError(
+                "The encoder of this query model is frozen by load_query_data; pretrain the "
+                "reference model, or load the query with unfrozen=True."
+            )
+        settings = {
+            "batch_size": options["pretrain_batch_size"],
+            "resolutions": resolutions,
+            "kmeans_kwargs": {
+                name.removeprefix("kmeans_"): value
+                for name, value in options.items()
+                if name.startswith("kmeans_")
+            },
+            "n_phases": int(n_phases),
+        }
+        return [
+            TrainingStage(
+                f"{_PRETRAIN}_{phase}",
+                PseudoLabelTrainingPlan,
+                max_epochs=30,
+                epochs_option="pretrain_epochs",
+                splitter_kwargs={**settings, "phase": phase},
+            )
+            for phase in range(1, int(n_phases) + 1)
+        ]
+
+    def _stage_data(self, stage: TrainingStage, settings: dict[str, Any]):
+        """A phase's pseudo-labels (K-means of every dataset and resolution), its heads
+        and the data module of every cell; the model's splitter for fine-tuning."""
+        if not stage.name.startswith(_PRETRAIN):
+            return super()._stage_data(stage, settings)
+        phase, seed = settings["phase"], settings["seed"]
+        device = settings["device"]
+        self.module.to(device)
+        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        datasets, names = self._datasets()
+        if phase == 1:
+            # Expression, log-normalised block by block from the registered matrix.
+            features = matrix
+            transform = lambda x: self.module.log_expression({REGISTRY_KEYS.X_KEY: x})  # noqa: E731
+            self._pretraining = dict(
+                start=time.perf_counter(), seconds=0.0, loss=[], kmeans=[], labels={}
+            )
+        else:  # the representation the previous phase learnt
+            batch = settings["kmeans_kwargs"]["batch_size"]
+            features = self._collect(self.adata, None, batch, {"z": self.module.embed})["z"]
+            transform = None
+        labels, sizes, table = kmeans_pseudo_labels(
+            features,
+            datasets,
+            names,
+            settings["resolutions"],
+            phase=phase,
+            seed=seed,
+            transform=transform,
+            device=device,
+            progress_bar=settings["progress_bar"],
+            **settings["kmeans_kwargs"],
+        )
+        self._pretraining["kmeans"].append(table)
+        self._pretraining["labels"][phase] = labels
+        with seeded(int(np.random.SeedSequence([seed, phase]).generate_state(1)[0])):
+            self._pretrain_heads = PseudoLabelHeads(self.module.n_latent, sizes)
+        return PseudoLabelDataModule(matrix, datasets, labels, batch_size=settings["batch_size"])
+
+    def _stage_plan_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:
+        if stage.name.startswith(_PRETRAIN):
+            return {"pseudo_label_heads": self._pretrain_heads}
+        # A query without labelled cells adapts its head by entropy minimisation (TENT).
+        if self._is_query_model and len(datamodule.labelled_train_idx) == 0:
+            return {"entropy_weight": 1.0}
+        return {}
+
+    def _run_stage(self, stage: TrainingStage, **kwargs) -> None:
+        """Run a stage; a pretraining phase uses every cell (no validation, so no early
+        stopping nor weight restoring) and leaves the fine-tuning's record as it was."""
+        if not stage.name.startswith(_PRETRAIN):
+            super()._run_stage(stage, **kwargs)
+            return
+        kept = {name: getattr(self, name, None) for name in _FIT_RECORD}
+        # What the K-means needs: the device, and whether to show its progress.
+        device = parse_device_args(kwargs["accelerator"], kwargs["devices"], "torch")[2]
+        progress_bar = kwargs["trainer_kwargs"].get("enable_progress_bar", True)
+        kwargs["datasplitter_kwargs"] = {
+            **kwargs["datasplitter_kwargs"],
+            "device": device,
+            "progress_bar": progress_bar,
+        }
+        tic = time.perf_counter()
+        super()._run_stage(
+            stage, **{**kwargs, "early_stopping": False, "restore_best_weights": False}
+        )
+        self._record_phase(stage.splitter_kwargs, time.perf_counter() - tic)
+        for name, value in kept.items():
+            setattr(self, name, value)
+
+    def _record_phase(self, settings: dict[str, Any], seconds: float) -> None:
+        """Keep a phase's curves and times; after the last phase, the pretraining's."""
+        record, phase = self._pretraining, settings["phase"]
+        curves = {
+            key: frame.to_numpy(dtype=float).reshape(-1)
+            for key, frame in self.history_.items()
+            if key == "train_loss" or key.endswith("_train")
+        }
+        epochs = np.arange(len(curves["train_loss"]))
+        record["loss"].append(pd.DataFrame({"phase": phase, "epoch": epochs, **curves}))
+        record["seconds"] += seconds
+        logger.info(
+            "SCPRETRAIN pretraining phase %d: %.1f s (K-means %.1f s), loss %.3f -> %.3f",
+            *(phase, seconds, record["kmeans"][-1]["seconds"].sum()),
+            *(curves["train_loss"][0], curves["train_loss"][-1]),
+        )
+        if phase < settings["n_phases"]:
+            return
+        kmeans = pd.concat(record["kmeans"], ignore_index=True)
+        self.pseudo_labels_ = record["labels"]
+        self.pretrain_history_ = {
+            "loss": pd.concat(record["loss"], ignore_index=True),
+            "kmeans": kmeans,
+            "kmeans_seconds": float(kmeans["seconds"].sum()),
+            "train_seconds": record["seconds"] - float(kmeans["seconds"].sum()),
+            "total_seconds": time.perf_counter() - record["start"],
+        }
+        self.is_pretrained_ = True
+        self._pretraining = None
 
     def _datasets(self) -> tuple[np.ndarray, list[str]]:
         """Dataset (batch) index of each cell, 0..D-1 over the batches present."""
@@ -140,402 +378,6 @@ class SCPRETRAIN(CellTyperModel):
         present = np.unique(codes)
         names = [str(self.registration.batches[c]) for c in present]
         return np.searchsorted(present, codes), names
-
-    def _log_expression_fn(self):
-        module = self.module
-
-        def transform(x: torch.Tensor) -> torch.Tensor:
-            return module.log_expression({REGISTRY_KEYS.X_KEY: x})
-
-        return transform
-
-    @torch.no_grad()
-    def _encoded(self, matrix, device: torch.device, batch_size: int) -> torch.Tensor:
-        """Encoder output of every cell, computed in minibatches from ``matrix``."""
-        transform = self._log_expression_fn()
-        was_training = self.module.training
-        self.module.eval()
-        parts = []
-        for start in range(0, matrix.shape[0], batch_size):
-            rows = matrix[start : start + batch_size]
-            rows = rows.toarray() if hasattr(rows, "toarray") else np.asarray(rows)
-            x = torch.as_tensor(rows, dtype=torch.float32, device=device)
-            parts.append(self.module.encoder(transform(x)))
-        self.module.train(was_training)
-        return torch.cat(parts)
-
-    def _cluster_phase(
-        self,
-        phase: int,
-        features,
-        transform,
-        datasets: np.ndarray,
-        dataset_names: list[str],
-        resolutions: Sequence[int],
-        seed: int,
-        device: torch.device,
-        kmeans_kwargs: dict,
-        progress_bar: bool,
-    ) -> tuple[np.ndarray, list[list[int]], pd.DataFrame]:
-        """K-means pseudo-labels of every (dataset, resolution) of one phase."""
-        labels = np.zeros((len(datasets), len(resolutions)), dtype=np.int64)
-        sizes: list[list[int]] = []
-        records = []
-        for d, name in enumerate(dataset_names):
-            members = np.flatnonzero(datasets == d)
-            rows = features[members]
-            sizes.append([])
-            for r, per_cluster in enumerate(resolutions):
-                k = n_clusters_for(len(members), per_cluster)
-                # One independent, reproducible seed per (seed, phase, dataset, resolution).
-                k_seed = int(np.random.SeedSequence([seed, phase, d, r]).generate_state(1)[0])
-                result: KMeansResult = kmeans(
-                    rows,
-                    k,
-                    transform=transform,
-                    seed=k_seed,
-                    device=device,
-                    progress_bar=progress_bar,
-                    description=f"K-means phase {phase}, {name}, K={k}",
-                    **kmeans_kwargs,
-                )
-                labels[members, r] = result.labels
-                sizes[-1].append(k)
-                records.append(
-                    {
-                        "phase": phase,
-                        "dataset": name,
-                        "cells_per_cluster": per_cluster,
-                        "n_cells": len(members),
-                        "n_clusters": k,
-                        "inertia": result.inertia,
-                        "n_iter": result.n_iter,
-                        "seconds": result.seconds,
-                    }
-                )
-        return labels, sizes, pd.DataFrame.from_records(records)
-
-    def pretrain(
-        self,
-        max_epochs: int = 30,
-        n_phases: int = 2,
-        resolutions: Sequence[int] = DEFAULT_RESOLUTIONS,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        kmeans_max_iter: int = 30,
-        kmeans_tol: float = 1e-3,
-        kmeans_batch_size: int = 4096,
-        seed: int | None = None,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        enable_progress_bar: bool = True,
-        **trainer_kwargs,
-    ) -> None:
-        """Pretrain the encoder on K-means pseudo-labels of every cell (no labels used).
-
-        Each phase clusters every dataset at every resolution, builds one linear head per
-        (dataset, resolution) and trains encoder and heads for ``max_epochs`` epochs with
-        the sum of each cell's cross-entropies over its dataset's heads. Phase 1 clusters
-        the log1p-normalised expression (computed minibatch by minibatch from the
-        registered, possibly sparse, matrix), later phases the encoder's output.
-
-        Parameters
-        ----------
-        max_epochs
-            Epochs of each phase.
-        n_phases
-            Number of phases (2 as published: expression, then representation).
-        resolutions
-            Cells per cluster of each resolution: ``K = n // r + 1`` for a dataset of
-            ``n`` cells, kept within ``[2, n]`` (see :func:`n_clusters_for`).
-        batch_size
-            Minibatch size.
-        lr, weight_decay
-            Adam settings.
-        kmeans_max_iter, kmeans_tol, kmeans_batch_size
-            Lloyd iterations, stopping fraction of changed labels and rows per block of
-            :func:`~celltyper.nn.kmeans`.
-        seed
-            Seed of the K-means, the heads and the minibatches; defaults to the model's.
-        accelerator, devices
-            As in scvi-tools; K-means runs on the same device.
-        enable_progress_bar
-            Progress bars of the K-means iterations and of the epochs.
-        **trainer_kwargs
-            Keywords of the Lightning trainer.
-
-        Notes
-        -----
-        Sets ``is_pretrained_``, ``pseudo_labels_`` (phase -> ``(n_cells, n_resolutions)``
-        clusters of the cells the model was set up with), :attr:`pretrain_heads` (last
-        phase) and ``pretrain_history_``: ``"loss"`` (per phase and epoch),
-        ``"kmeans"`` (per clustering: clusters, inertia, iterations, seconds),
-        ``"kmeans_seconds"``, ``"train_seconds"`` and ``"total_seconds"``.
-        """
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
-        if n_phases < 1:
-            raise ValueError(f"n_phases must be >= 1, got {n_phases}.")
-        resolutions = tuple(int(r) for r in resolutions)
-        if not resolutions:
-            raise ValueError("resolutions must name at least one cells-per-cluster value.")
-        for r in resolutions:
-            n_clusters_for(1, r)  # validates r
-        frozen = [n for n, p in self.module.encoder.named_parameters() if not p.requires_grad]
-        if frozen:
-            raise ValueError(
-                "The encoder of this query model is frozen by load_query_data; pretrain the "
-                "reference model, or load the query with unfrozen=True."
-            )
-        seed = self._resolve_seed(seed)
-        _, _, device = parse_device_args(accelerator, devices, return_device="torch")
-        self.module.to(device)
-        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        datasets, dataset_names = self._datasets()
-        kmeans_kwargs = {
-            "max_iter": kmeans_max_iter,
-            "tol": kmeans_tol,
-            "batch_size": kmeans_batch_size,
-        }
-        start_time = time.perf_counter()
-        losses, clusterings, pseudo_labels = [], [], {}
-        kmeans_seconds = train_seconds = 0.0
-        heads = None
-        with seeded(seed):
-            for phase in range(1, n_phases + 1):
-                if phase == 1:
-                    features, transform = matrix, self._log_expression_fn()
-                else:
-                    features, transform = self._encoded(matrix, device, kmeans_batch_size), None
-                tic = time.perf_counter()
-                labels, sizes, table = self._cluster_phase(
-                    phase,
-                    features,
-                    transform,
-                    datasets,
-                    dataset_names,
-                    resolutions,
-                    seed,
-                    device,
-                    kmeans_kwargs,
-                    enable_progress_bar,
-                )
-                phase_kmeans = time.perf_counter() - tic
-                kmeans_seconds += phase_kmeans
-                clusterings.append(table)
-                pseudo_labels[phase] = labels
-                heads = PseudoLabelHeads(self.module.n_latent, sizes).to(device)
-                tic = time.perf_counter()
-                history = self._fit_phase(
-                    heads,
-                    PseudoLabelDataModule(matrix, datasets, labels, batch_size=batch_size),
-                    max_epochs,
-                    lr=lr,
-                    weight_decay=weight_decay,
-                    accelerator=accelerator,
-                    devices=devices,
-                    enable_progress_bar=enable_progress_bar,
-                    **trainer_kwargs,
-                )
-                phase_train = time.perf_counter() - tic
-                train_seconds += phase_train
-                history.insert(0, "phase", phase)
-                losses.append(history)
-                logger.info(
-                    "SCPRETRAIN pretraining phase %d: %d K-means clusterings in %.1f s, "
-                    "%d heads trained for %d epochs in %.1f s (loss %.3f -> %.3f).",
-                    phase,
-                    len(table),
-                    phase_kmeans,
-                    len(heads),
-                    max_epochs,
-                    phase_train,
-                    history["pretrain_loss"].iloc[0],
-                    history["pretrain_loss"].iloc[-1],
-                )
-        self.module.eval()
-        self._pretrain_heads = heads
-        self.pseudo_labels_ = pseudo_labels
-        self.pretrain_history_ = {
-            "loss": pd.concat(losses, ignore_index=True),
-            "kmeans": pd.concat(clusterings, ignore_index=True),
-            "kmeans_seconds": kmeans_seconds,
-            "train_seconds": train_seconds,
-            "total_seconds": time.perf_counter() - start_time,
-        }
-        self.is_pretrained_ = True
-
-    def _fit_phase(
-        self,
-        heads: PseudoLabelHeads,
-        datamodule: PseudoLabelDataModule,
-        max_epochs: int,
-        *,
-        lr: float,
-        weight_decay: float,
-        accelerator: str,
-        devices,
-        enable_progress_bar: bool,
-        **trainer_kwargs,
-    ) -> pd.DataFrame:
-        """Train encoder and heads of one phase; returns the per-epoch curves."""
-        plan = self._pretrain_plan_cls(self.module, heads, lr=lr, weight_decay=weight_decay)
-        accelerator, lightning_devices, _ = parse_device_args(
-            accelerator, devices, return_device="torch"
-        )
-        trainer = Trainer(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=lightning_devices,
-            enable_progress_bar=enable_progress_bar,
-            **trainer_kwargs,
-        )
-        trainer.fit(plan, datamodule=datamodule)
-        curves = {
-            key: frame.to_numpy().reshape(-1)
-            for key, frame in trainer.logger.history.items()
-            if key.startswith("pretrain_")
-        }
-        return pd.DataFrame({"epoch": np.arange(len(curves["pretrain_loss"])), **curves})
-
-    # -- fine-tuning ------------------------------------------------------------------------
-    def train(
-        self,
-        max_epochs: int = 200,
-        pretrain: bool | Literal["auto"] = "auto",
-        freeze_encoder: bool = False,
-        pretrain_kwargs: dict | None = None,
-        batch_size: int = 64,
-        validation_size: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        entropy_weight: float | None = None,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 20,
-        early_stopping_monitor: Literal[
-            "validation_accuracy", "validation_loss"
-        ] = "validation_accuracy",
-        restore_best_weights: bool = True,
-        seed: int | None = None,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        **trainer_kwargs,
-    ) -> None:
-        """Fine-tune the classifier head (and the encoder) on the labelled cells.
-
-        Parameters
-        ----------
-        max_epochs
-            Largest number of fine-tuning epochs (passes over the labelled cells).
-        pretrain
-            ``"auto"`` (default): run :meth:`pretrain` first when the model has not been
-            pretrained (and is not a query model, whose encoder comes from the reference),
-            so ``train()`` alone gives the published method. ``True``: pretrain (again)
-            first. ``False``: fine-tune the encoder as it is (from its random
-            initialisation when never pretrained: the from-scratch baseline).
-        freeze_encoder
-            Train only the classifier head; the encoder's weights stay as they are.
-        pretrain_kwargs
-            Keywords of :meth:`pretrain` (e.g. ``{"max_epochs": 10}``), used when
-            pretraining runs.
-        batch_size
-            Minibatch size.
-        validation_size
-            Fraction of each labelled cell type held out for early stopping and the
-            novelty calibration.
-        lr, weight_decay
-            Adam settings.
-        entropy_weight
-            Weight of the entropy of the predictions on unlabelled cells. ``None``: 0
-            (only labelled cells enter the loss), except for a query model without a
-            labelled cell, which adapts its head to the query by entropy minimisation
-            (weight 1, as in TENT).
-        early_stopping
-            Stop when ``early_stopping_monitor`` has not improved for
-            ``early_stopping_patience`` epochs; the best epoch's weights are restored.
-        early_stopping_patience
-            Patience of the early stopping.
-        early_stopping_monitor
-            ``"validation_accuracy"`` (maximised, as published; equal accuracies are
-            ordered by the validation loss, so a small validation set does not stop
-            training at the first epoch that reaches its best accuracy) or
-            ``"validation_loss"``.
-        restore_best_weights
-            End with the weights of the best validation epoch.
-        seed
-            Seed of the split and the minibatches (and of pretraining); defaults to the
-            model's ``seed``.
-        accelerator, devices
-            As in scvi-tools.
-        **trainer_kwargs
-            Keywords of the Lightning trainer (e.g. ``enable_progress_bar``).
-
-        Notes
-        -----
-        Only labelled cells are used unless the model comes from
-        :meth:`load_query_data`: a query model also passes its unlabelled cells through
-        the head, so its BatchNorm statistics adapt to the query.
-        """
-        if pretrain not in ("auto", True, False):
-            raise ValueError(f"pretrain must be 'auto', True or False, got {pretrain!r}.")
-        if early_stopping_monitor not in ("validation_accuracy", "validation_loss"):
-            raise ValueError(
-                "early_stopping_monitor must be 'validation_accuracy' or 'validation_loss', "
-                f"got {early_stopping_monitor!r}."
-            )
-        seed = self._resolve_seed(seed)
-        run_pretraining = pretrain is True or (
-            pretrain == "auto" and not self.is_pretrained_ and not self._is_query_model
-        )
-        if run_pretraining:
-            if pretrain == "auto":
-                logger.info(
-                    "SCPRETRAIN: the encoder is not pretrained; running pretrain() first "
-                    "(pass pretrain=False to train from scratch)."
-                )
-            options = {"seed": seed, "accelerator": accelerator, "devices": devices}
-            if "enable_progress_bar" in trainer_kwargs:
-                options["enable_progress_bar"] = trainer_kwargs["enable_progress_bar"]
-            self.pretrain(**{**options, **(pretrain_kwargs or {})})
-
-        query = self._is_query_model
-        splitter = self._make_splitter(
-            validation_size,
-            batch_size,
-            seed,
-            allow_unlabelled_only=query,
-            include_unlabelled=query,
-        )
-        if entropy_weight is None:
-            entropy_weight = 1.0 if query and len(splitter.labelled_train_idx) == 0 else 0.0
-        plan = self._training_plan_cls(
-            self.module,
-            freeze_encoder=freeze_encoder,
-            entropy_weight=entropy_weight,
-            lr=lr,
-            weight_decay=weight_decay,
-        )
-        # Accuracy, ties broken by the loss (see FineTuningTrainingPlan).
-        monitor, mode = (
-            ("validation_score", "max")
-            if early_stopping_monitor == "validation_accuracy"
-            else ("validation_loss", "min")
-        )
-        self._run_training(
-            plan,
-            splitter,
-            max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            restore_best_weights=restore_best_weights,
-            seed=seed,
-            monitor=monitor,
-            monitor_mode=mode,
-            **trainer_kwargs,
-        )
 
     # -- representation and evaluation --------------------------------------------------------
     def get_latent_representation(
@@ -546,17 +388,9 @@ class SCPRETRAIN(CellTyperModel):
     ) -> np.ndarray:
         """The encoder's representation of each cell, ``(n_cells, n_latent)``.
 
-        Available after :meth:`pretrain` alone (the representation scPretrain gives to
-        classic classifiers, see :func:`celltyper.tl.classic_classifier`).
-
-        Parameters
-        ----------
-        adata
-            Data to embed (genes aligned to the model's); ``None`` uses the model's data.
-        indices
-            Positions of the cells to embed; ``None`` embeds all.
-        batch_size
-            Minibatch size; defaults to ``scvi.settings.batch_size``.
+        Available after pretraining alone (the representation scPretrain gives to
+        classic classifiers, see :func:`celltyper.tl.classic_classifier`); arguments as
+        in :meth:`predict`.
         """
         if not self.is_pretrained_:
             return super().get_latent_representation(adata, indices, batch_size)

@@ -143,8 +143,17 @@ class SCATLASVAEModule(CellTyperModule):
     def class_weights(self, k: int) -> Tensor:
         return getattr(self, f"class_weights_{k}")
 
-    def set_class_weights(self, k: int, weights: Tensor) -> None:
-        self.class_weights(k).copy_(torch.as_tensor(weights, dtype=torch.float32))
+    def set_class_weights(self, k: int, codes: Tensor) -> None:
+        """Set head ``k``'s class weights to ``N / n_c`` from the reference's label codes.
+
+        Codes of ``n_labels_per_key[k]`` and above are unlabelled cells; absent classes
+        get 0.
+        """
+        codes = torch.as_tensor(codes).reshape(-1).long()
+        n_types = self.n_labels_per_key[k]
+        counts = torch.bincount(codes[codes < n_types], minlength=n_types).double()
+        weights = torch.where(counts > 0, counts.sum() / counts, torch.zeros_like(counts))
+        self.class_weights(k).copy_(weights.float())
 
     def encoder_input(self, x: Tensor) -> Tensor:
         """``log1p`` of the counts, after scaling to ``target_sum`` when set."""
@@ -181,6 +190,48 @@ class SCATLASVAEModule(CellTyperModule):
             raise ValueError(f"The module has {self.n_label_keys} label heads; got head {k}.")
         return self.heads[k](self.embed(tensors))
 
+    @auto_move_data
+    def decode_mean(
+        self, tensors: dict[str, Tensor], batch_code: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Gene proportions decoded from the latent mean, and the observed library sizes.
+
+        ``batch_code`` decodes every cell as if it came from that batch.
+        """
+        inference = self.inference(self.expression(tensors))
+        codes = self.covariate_codes(tensors)
+        if batch_code is not None:
+            codes[0] = torch.full_like(codes[0], batch_code)
+        return self.decoder(inference["qz_m"], codes)["scale"], inference["library"]
+
+    def load_atlas_weights(
+        self,
+        atlas_state: dict[str, Tensor],
+        atlas_categories: Sequence[Sequence],
+        categories: Sequence[Sequence],
+    ) -> None:
+        """Copy a trained module's weights, its label heads excepted.
+
+        The rows of covariate table ``i`` are matched by category name, from
+        ``atlas_categories[i]`` to this module's ``categories[i]``; rows of categories the
+        atlas never saw keep their initialisation.
+        """
+        target = self.state_dict()
+        for name, value in atlas_state.items():
+            if name.startswith(("heads.", "class_weights_")) or name == "n_reference_categories":
+                continue
+            if name.startswith("decoder.covariates."):
+                i = int(name.split(".")[2])
+                row = {str(c): r for r, c in enumerate(atlas_categories[i])}
+                for j, category in enumerate(categories[i]):
+                    if str(category) in row:
+                        target[name][j] = value[row[str(category)]]
+            elif target[name].shape != value.shape:
+                raise ValueError(f"Architecture differs at {name}: pass the same init arguments.")
+            else:
+                target[name] = value.clone()
+        self.load_state_dict(target)
+
     def covariate_tables(self) -> list[nn.Module]:
         return list(self.decoder.covariates)
 
@@ -199,16 +250,28 @@ class SCATLASVAEModule(CellTyperModule):
         top of this model freezes them too.
         """
         trainable = super().freeze_for_query(unfrozen=unfrozen)
-        for i, table in enumerate(self.decoder.covariates):
-            table.freeze_leading_rows(0 if unfrozen else int(self.n_reference_categories[i]))
+        n_reference = [0 if unfrozen else int(n) for n in self.n_reference_categories]
+        self.decoder.freeze_leading_rows(n_reference)
         with torch.no_grad():
             self.n_reference_categories.copy_(
-                torch.tensor([t.n_categories for t in self.decoder.covariates])
+                torch.tensor([t.num_embeddings for t in self.decoder.covariates])
             )
         return trainable
 
+    # -- interpretation: the primary head on the encoder's input ---------------------------
+    not_interpretable_reason = None
+
+    def interpretation_input(self, tensors: dict[str, Tensor]) -> Tensor:
+        """``log1p`` of the (normalised) counts, the values the encoder reads."""
+        return self.encoder_input(self.expression(tensors))
+
+    def logits_from_interpretation_input(self, x: Tensor) -> Tensor:
+        """Logits of the primary label key's head on the latent mean of ``x``."""
+        qz_m, _, _ = self.encoder(x)
+        return self.heads[0](qz_m)
+
     # -- BaseModuleClass interface -----------------------------------------------------
-    def _get_inference_input(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
         return {"x": self.expression(tensors)}
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict:
@@ -249,7 +312,8 @@ class SCATLASVAEModule(CellTyperModule):
         """Weighted sum over label keys of the class-weighted cross-entropy.
 
         Cells unlabelled for a key (code >= its number of types) are masked out of that
-        key's term, so they give it no gradient.
+        key's term, so they give it no gradient. The second output holds each key's
+        unweighted cross-entropy, ``cross_entropy_<k>``.
         """
         total = qz_m.sum() * 0.0
         per_key = {}
@@ -257,12 +321,12 @@ class SCATLASVAEModule(CellTyperModule):
             labels = self.label_codes(tensors, k)
             labelled = labels < self.n_labels_per_key[k]
             if not labelled.any():
-                per_key[f"classification_loss_{k}"] = total.detach()
+                per_key[f"cross_entropy_{k}"] = total.detach()
                 continue
             ce = F.cross_entropy(
                 head(qz_m[labelled]), labels[labelled], weight=self.class_weights(k)
             )
-            per_key[f"classification_loss_{k}"] = ce.detach()
+            per_key[f"cross_entropy_{k}"] = ce.detach()
             total = total + self.head_weights[k] * ce
         return total, per_key
 
@@ -275,29 +339,64 @@ class SCATLASVAEModule(CellTyperModule):
         prediction_weight: float = 1.0,
         mmd_weight: float = 0.0,
     ) -> LossOutput:
-        """ELBO + ``prediction_weight`` x cell-type losses + ``mmd_weight`` x MMD.
+        """scAtlasVAE's objective: reconstruction + KL + cell-type heads + MMD.
 
         The reconstruction and KL terms are summed over genes / latent dimensions and
         averaged over cells; the cross-entropies are averaged over labelled cells.
+
+        Parameters
+        ----------
+        tensors, inference_outputs, generative_outputs
+            As in scvi-tools.
+        kl_weight
+            Weight of the KL term (the plan's warm-up, scvi-tools' ``kl_weight``).
+        prediction_weight
+            Weight of the heads' cross-entropies; at 0 the heads are left out of the graph,
+            so the optimizer does not count steps for them before they join.
+        mmd_weight
+            Weight of the MMD between the groups of the module's MMD covariate (0: off).
+
+        Returns
+        -------
+        ``LossOutput`` with scvi-tools' per-cell ``reconstruction_loss`` and ``kl_local``
+        (for the ELBO metrics); ``extra_metrics`` hold the weighted terms
+        ``reconstruction_term_loss``, ``kl_term_loss``, ``classification_loss`` (with label
+        heads) and ``mmd_loss`` (with ``mmd_weight > 0``), which add up to the loss, and
+        each label key's unweighted cross-entropy ``cross_entropy_<k>``.
         """
         x = self.expression(tensors)
         qz_m, qz_v = inference_outputs["qz_m"], inference_outputs["qz_v"]
         reconstruction = self.reconstruction_loss(x, generative_outputs)
         kl = kl_divergence(Normal(qz_m, qz_v.sqrt()), Normal(0.0, 1.0)).sum(dim=-1)
-        loss = (reconstruction + kl_weight * kl).mean()
-        extra: dict[str, Tensor] = {}
-        if prediction_weight > 0 and self.n_label_keys:
-            prediction, extra = self.prediction_loss(tensors, qz_m)
-            loss = loss + prediction_weight * prediction
-            extra["classification_loss"] = prediction.detach()
+        terms = {
+            "reconstruction_term_loss": reconstruction.mean(),
+            "kl_term_loss": kl_weight * kl.mean(),
+        }
+        diagnostics: dict[str, Tensor] = {}
+        if self.n_label_keys:
+            prediction = qz_m.new_zeros(())
+            if prediction_weight > 0:
+                prediction, diagnostics = self.prediction_loss(tensors, qz_m)
+            terms["classification_loss"] = prediction_weight * prediction
         if mmd_weight > 0:
             groups = self.covariate_codes(tensors)[self.mmd_covariate]
-            mmd = group_mmd(inference_outputs["z"], groups)
-            loss = loss + mmd_weight * mmd
-            extra["mmd"] = mmd.detach()
+            terms["mmd_loss"] = mmd_weight * group_mmd(inference_outputs["z"], groups)
         return LossOutput(
-            loss=loss,
+            loss=sum(terms.values()),
             reconstruction_loss=reconstruction,
             kl_local=kl,
-            extra_metrics=extra,
+            extra_metrics={**terms, **diagnostics},
         )
+
+    def validation_loss(self, tensors: dict[str, Tensor]) -> LossOutput:
+        """The loss with the full KL weight, the heads and no MMD, and the primary head's
+        ``accuracy`` on the labelled cells of the minibatch."""
+        inference_outputs, _, loss_output = self.forward(tensors)
+        if self.n_label_keys:
+            labels = self.label_codes(tensors, 0)
+            labelled = labels < self.n_labels
+            if labelled.any():
+                logits = self.heads[0](inference_outputs["qz_m"][labelled])
+                correct = logits.argmax(dim=1) == labels[labelled]
+                loss_output.extra_metrics["accuracy"] = correct.float().mean()
+        return loss_output

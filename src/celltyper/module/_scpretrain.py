@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.module.base import LossOutput, auto_move_data
 from torch import Tensor, nn
+
+from celltyper.data import DATASET_KEY, PSEUDO_LABELS_KEY
+from celltyper.nn import labelled_cross_entropy
 
 from ._base import LogExpressionClassifier
 
@@ -38,6 +44,10 @@ def _classifier(n_latent: int, n_hidden: int, n_labels: int) -> nn.Sequential:
 
 class SCPRETRAINModule(LogExpressionClassifier):
     """Encoder pretrained on pseudo-labels, then a classifier head fine-tuned on labels.
+
+    :meth:`loss` is either objective of scPretrain: the pseudo-label cross-entropies of
+    pretraining (given the phase's heads), or the fine-tuning cross-entropy on labelled
+    cells (plus an optional entropy term on unlabelled cells).
 
     Parameters
     ----------
@@ -86,6 +96,75 @@ class SCPRETRAINModule(LogExpressionClassifier):
         # classifier head (with its BatchNorm) to its own cells.
         for name, _ in self.classifier.named_parameters():
             yield f"classifier.{name}"
+
+    @auto_move_data
+    def inference(self, x_log: Tensor, frozen_encoder: bool = False) -> dict[str, Tensor]:
+        """Representation ``z`` and cell-type logits; ``frozen_encoder`` computes ``z``
+        without gradient (the encoder as a fixed feature extractor)."""
+        with torch.no_grad() if frozen_encoder else nullcontext():
+            z = self.encoder(x_log)
+        return {"z": z, "logits": self.classifier(z)}
+
+    def loss(
+        self,
+        tensors: dict[str, Tensor],
+        inference_outputs: dict[str, Tensor],
+        generative_outputs: dict[str, Tensor],
+        pseudo_label_heads: PseudoLabelHeads | None = None,
+        entropy_weight: float = 0.0,
+    ) -> LossOutput:
+        """Pretraining or fine-tuning objective on a minibatch.
+
+        Parameters
+        ----------
+        tensors, inference_outputs, generative_outputs
+            As in scvi-tools; pretraining minibatches also hold each cell's dataset code
+            and pseudo-labels (see :class:`~celltyper.data.PseudoLabelDataModule`).
+        pseudo_label_heads
+            The heads of a pretraining phase: the loss is then, averaged over cells, the
+            sum of each cell's cross-entropies over its dataset's heads
+            (``pseudo_label_loss``; ``pseudo_label_accuracy_<r>`` per resolution).
+            ``None``: the fine-tuning loss.
+        entropy_weight
+            Fine-tuning: weight of the mean entropy of the predictions on unlabelled
+            cells (entropy minimisation as in TENT, Wang et al. 2021) added to the
+            cross-entropy on labelled cells (``classification_loss``, ``entropy_loss``).
+
+        Returns
+        -------
+        ``LossOutput`` whose ``extra_metrics`` hold the weighted terms (names ending in
+        ``_loss``, adding up to the loss) and diagnostics.
+        """
+        z = inference_outputs["z"]
+        if pseudo_label_heads is not None:
+            datasets, targets = tensors[DATASET_KEY], tensors[PSEUDO_LABELS_KEY]
+            loss = pseudo_label_heads.loss(z, datasets, targets)
+            accuracy = pseudo_label_heads.accuracy(z.detach(), datasets, targets)
+            return LossOutput(
+                loss=loss,
+                n_obs_minibatch=len(z),
+                extra_metrics={
+                    "pseudo_label_loss": loss,
+                    **{
+                        f"pseudo_label_accuracy_{r}": torch.tensor(a)
+                        for r, a in enumerate(accuracy)
+                    },
+                },
+            )
+        logits = inference_outputs["logits"]
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long()
+        labelled = labels < self.n_labels
+        entropy = logits.new_zeros(())
+        if entropy_weight > 0 and (~labelled).any():
+            log_p = F.log_softmax(logits[~labelled], dim=1)
+            entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+        terms = {
+            "classification_loss": labelled_cross_entropy(logits, labels, labelled),
+            "entropy_loss": entropy_weight * entropy,
+        }
+        return LossOutput(
+            loss=sum(terms.values()), n_obs_minibatch=len(labels), extra_metrics=terms
+        )
 
 
 class PseudoLabelHeads(nn.Module):

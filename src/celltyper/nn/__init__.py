@@ -17,11 +17,10 @@ from ._functional import (
 from ._kmeans import KMeansResult, kmeans
 from ._layers import DomainAdversary, GradientReversal
 from ._transformer import MultiHeadSelfAttention, TransformerEncoder, TransformerEncoderLayer
-from ._vae import CategoryTable, CovariateDecoder, group_mmd, rbf_mmd
+from ._vae import CovariateDecoder, group_mmd, rbf_mmd
 
 __all__ = [
     "CPM_TARGET_SUM",
-    "CategoryTable",
     "CovariateDecoder",
     "DomainAdversary",
     "GradientReversal",

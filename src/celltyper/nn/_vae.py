@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from scvi.nn import Embedding
 from torch import Tensor, nn
 
 CovariateRepresentation = Literal["embedding", "one-hot"]
@@ -15,70 +17,18 @@ CovariateRepresentation = Literal["embedding", "one-hot"]
 MMD_BANDWIDTHS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
-class CategoryTable(nn.Module):
-    """One learned row per category; the leading rows can be frozen for query surgery.
-
-    The table's rows live in a single ``weight`` of shape ``(n_categories, dim)``, so that
-    scArches-style surgery (scvi-tools' ``ArchesMixin``) grows it by appending rows for the
-    query's new categories. :meth:`freeze_leading_rows` makes the first ``n`` rows (the
-    reference's categories) receive no gradient: they are detached in :meth:`forward`,
-    which leaves their gradient exactly zero, so an Adam step without weight decay keeps
-    them bit-identical.
-
-    Parameters
-    ----------
-    n_categories
-        Number of categories (rows).
-    dim
-        Length of each row.
-    init_bound
-        Rows start uniform in ``[-init_bound, init_bound]``; ``None`` draws them from
-        ``N(0, 1)`` like :class:`torch.nn.Embedding`.
-    """
-
-    def __init__(self, n_categories: int, dim: int, init_bound: float | None = None):
-        super().__init__()
-        if n_categories < 1 or dim < 1:
-            raise ValueError(
-                f"A category table needs >= 1 row and column, got {n_categories}x{dim}."
-            )
-        self.weight = nn.Parameter(torch.empty(n_categories, dim))
-        if init_bound is None:
-            nn.init.normal_(self.weight)
-        else:
-            nn.init.uniform_(self.weight, -init_bound, init_bound)
-        self.n_frozen_rows = 0
-
-    @property
-    def n_categories(self) -> int:
-        return self.weight.shape[0]
-
-    def freeze_leading_rows(self, n: int) -> None:
-        """Give the first ``n`` rows no gradient (0 lets every row learn)."""
-        if not 0 <= n <= self.n_categories:
-            raise ValueError(f"n must be in [0, {self.n_categories}], got {n}.")
-        self.n_frozen_rows = int(n)
-
-    def table(self) -> Tensor:
-        """The rows as used in the forward pass (frozen ones detached)."""
-        n = self.n_frozen_rows
-        if n == 0:
-            return self.weight
-        return torch.cat([self.weight[:n].detach(), self.weight[n:]], dim=0)
-
-    def forward(self, codes: Tensor) -> Tensor:
-        return self.table()[codes.view(-1).long()]
-
-
 class CovariateDecoder(nn.Module):
     """MLP decoder conditioned on categorical covariates: ``z`` + covariates -> genes.
 
-    Each covariate (e.g. the batch, then further categorical covariates) has a
-    :class:`CategoryTable`. With ``representation="embedding"`` its rows are learned
-    vectors of length ``embedding_dim`` concatenated to ``z``; with ``"one-hot"`` the
-    covariate enters the first layer as a one-hot vector, which is computed as adding the
-    category's row of an ``(n_categories, n_hidden)`` table (the one-hot part of the first
-    layer's weight matrix) -- the same function, stored so that new categories append rows.
+    Each covariate (e.g. the batch, then further categorical covariates) has a table of
+    one row per category, a :class:`scvi.nn.Embedding`, so that scArches surgery
+    (scvi-tools' ``ArchesMixin``) appends rows for a query's new categories. With
+    ``representation="embedding"`` the rows are learned vectors of length
+    ``embedding_dim`` concatenated to ``z``; with ``"one-hot"`` the covariate enters the
+    first layer as a one-hot vector, which is computed as adding the category's row of an
+    ``(n_categories, n_hidden)`` table (the one-hot part of the first layer's weight
+    matrix) -- the same function, stored so that new categories append rows.
+    :meth:`freeze_leading_rows` keeps the reference's rows of each table fixed.
 
     The outputs are gene proportions (softmax), and, when asked for, gene-cell dispersion
     (``exp`` of a linear layer) and zero-inflation logits.
@@ -128,14 +78,19 @@ class CovariateDecoder(nn.Module):
         self.representation = representation
         n_categories = [int(n) for n in n_categories]
         if representation == "embedding":
-            tables = [CategoryTable(n, embedding_dim) for n in n_categories]
+            # Rows drawn from N(0, 1), torch's initialisation of an embedding.
+            tables = [Embedding(n, embedding_dim) for n in n_categories]
             n_first_in = n_latent + embedding_dim * len(n_categories)
         else:
             # Same initial scale as a Linear layer over [z, one-hot vectors].
             bound = 1.0 / math.sqrt(n_latent + sum(n_categories))
-            tables = [CategoryTable(n, n_hidden, init_bound=bound) for n in n_categories]
+            tables = [
+                Embedding(n, n_hidden, _weight=torch.empty(n, n_hidden).uniform_(-bound, bound))
+                for n in n_categories
+            ]
             n_first_in = n_latent
         self.covariates = nn.ModuleList(tables)
+        self.n_frozen_rows = [0] * len(tables)
         self.first = nn.Linear(n_first_in, n_hidden)
         self.first_post = _post_linear(n_hidden, dropout_rate)
         self.hidden = nn.Sequential(
@@ -148,6 +103,30 @@ class CovariateDecoder(nn.Module):
         self.dispersion = nn.Linear(n_hidden, n_output) if dispersion else None
         self.zero_inflation = nn.Linear(n_hidden, n_output) if zero_inflation else None
 
+    def freeze_leading_rows(self, counts: Sequence[int]) -> None:
+        """Give the first ``counts[i]`` rows of covariate table ``i`` no gradient.
+
+        The rows are detached in the forward pass, which leaves their gradient exactly
+        zero, so an Adam step without weight decay keeps them bit-identical; 0 lets every
+        row of a table learn. (Not scvi's gradient hook of ``Embedding.extend``: scvi's
+        ``Embedding`` replaces its parameter, hooks included, on ``load_state_dict``, as
+        when the best weights are restored.)
+        """
+        counts = [int(n) for n in counts]
+        if len(counts) != len(self.covariates) or any(
+            not 0 <= n <= t.num_embeddings for n, t in zip(counts, self.covariates, strict=True)
+        ):
+            sizes = [t.num_embeddings for t in self.covariates]
+            raise ValueError(f"counts must be one count per table within {sizes}, got {counts}.")
+        self.n_frozen_rows = counts
+
+    def covariate_rows(self, i: int, codes: Tensor) -> Tensor:
+        """Rows of covariate table ``i`` for ``codes``, the frozen rows detached."""
+        weight, n = self.covariates[i].weight, self.n_frozen_rows[i]
+        if n:
+            weight = torch.cat([weight[:n].detach(), weight[n:]], dim=0)
+        return F.embedding(codes.view(-1).long(), weight)
+
     def forward(self, z: Tensor, codes: Sequence[Tensor]) -> dict[str, Tensor]:
         """Decode ``z`` given one code tensor per covariate.
 
@@ -158,7 +137,7 @@ class CovariateDecoder(nn.Module):
         """
         if len(codes) != len(self.covariates):
             raise ValueError(f"Expected {len(self.covariates)} covariate codes, got {len(codes)}.")
-        rows = [table(c) for table, c in zip(self.covariates, codes, strict=True)]
+        rows = [self.covariate_rows(i, c) for i, c in enumerate(codes)]
         if self.representation == "embedding":
             h = self.first(torch.cat([z, *rows], dim=-1))
         else:

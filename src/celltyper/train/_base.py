@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -37,6 +38,20 @@ def loss_terms(loss_output: LossOutput) -> dict[str, Tensor]:
         for name, value in (loss_output.extra_metrics or {}).items()
         if name.endswith("_loss")
     }
+
+
+def warmup_cosine_factor(epoch: int, max_epochs: int, warmup_epochs: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup_epochs``, then a cosine decay.
+
+    The factor is ``(epoch + 1) / warmup_epochs`` during the warm-up and
+    ``0.5 (1 + cos(pi t))`` after it, ``t`` running from 0 at the end of the warm-up to 1
+    one epoch after the last, so the last epoch still learns.
+    """
+    if epoch < warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    n_decay = max(1, max_epochs - warmup_epochs)
+    t = min((epoch - warmup_epochs) / n_decay, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class CellTyperTrainingPlan(TrainingPlan):
@@ -214,7 +229,3 @@ class CellTyperTrainingPlan(TrainingPlan):
                 batch_size=loss_output.n_obs_minibatch,
                 sync_dist=self.use_sync_dist,
             )
-
-
-# Transitional names, removed once every plan derives from CellTyperTrainingPlan.
-ModulePlan = ClassifierTrainingPlan = CellTyperTrainingPlan

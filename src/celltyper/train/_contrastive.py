@@ -7,28 +7,13 @@ its validation reports.
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 from scvi import REGISTRY_KEYS
 from torch import Tensor
 
-from ._base import CellTyperTrainingPlan, OptimizerName
-
-
-def warmup_cosine_factor(epoch: int, max_epochs: int, warmup_epochs: int) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup_epochs``, then a cosine decay.
-
-    The factor is ``(epoch + 1) / warmup_epochs`` during the warm-up and
-    ``0.5 (1 + cos(pi t))`` after it, ``t`` running from 0 at the end of the warm-up to 1
-    one epoch after the last, so the last epoch still learns.
-    """
-    if epoch < warmup_epochs:
-        return (epoch + 1) / warmup_epochs
-    n_decay = max(1, max_epochs - warmup_epochs)
-    t = min((epoch - warmup_epochs) / n_decay, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * t))
+from ._base import CellTyperTrainingPlan, OptimizerName, warmup_cosine_factor
 
 
 class _CELLULARPlan(CellTyperTrainingPlan):

@@ -6,8 +6,7 @@ import torch
 from scvi.module.base import LossOutput
 from torch import Tensor
 
-from ._base import CellTyperTrainingPlan, OptimizerName
-from ._contrastive import warmup_cosine_factor
+from ._base import CellTyperTrainingPlan, OptimizerName, warmup_cosine_factor
 
 
 class RankformerTrainingPlan(CellTyperTrainingPlan):

@@ -108,8 +108,9 @@ def plan_parameters(plan_cls: type, module=None) -> set[str]:
         names |= loss_names
         if "kl_weight" not in loss_names:
             names -= _KL_WARMUP_ARGUMENTS
-    # Loss keywords the plan sets every step (ramps) cannot be set by users.
-    return names - set(getattr(plan_cls, "scheduled_loss_arguments", ()))
+    # Loss keywords the plan sets every step (ramps, scvi's KL warm-up) cannot be set by
+    # users.
+    return names - {"kl_weight", *getattr(plan_cls, "scheduled_loss_arguments", ())}
 
 
 def _keyword_names(function) -> set[str]:
@@ -134,7 +135,7 @@ class TrainingMixin:
 
     - ``_training_plan_cls`` and ``_data_splitter_cls``;
     - ``_train_defaults``: its defaults of the shared options (``batch_size``,
-      ``validation_size``, ``early_stopping``);
+      ``validation_size``, ``early_stopping`` and, optionally, ``restore_best_weights``);
     - ``_train_options``: the names and defaults of options that choose its stages
       (SCNYM's ``config``, SCPRETRAIN's ``pretrain``), read by
       :meth:`_training_stages`;
@@ -175,7 +176,7 @@ class TrainingMixin:
         validation_size: float | None = None,
         batch_size: int | None = None,
         early_stopping: bool | None = None,
-        restore_best_weights: bool = True,
+        restore_best_weights: bool | None = None,
         seed: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         datasplitter_kwargs: dict[str, Any] | None = None,
@@ -205,7 +206,8 @@ class TrainingMixin:
             Stop a stage when its validation criterion has not improved for
             ``early_stopping_patience`` epochs; ``None`` uses the model's default.
         restore_best_weights
-            End each stage with the weights of its best validation epoch.
+            End each stage with the weights of its best validation epoch; ``None`` uses
+            the model's default.
         seed
             Seed of the split, the minibatches and the augmentations; defaults to the
             model's ``seed``. The caller's random state is restored afterwards.
@@ -233,6 +235,8 @@ class TrainingMixin:
         }
         if early_stopping is None:
             early_stopping = self._train_defaults["early_stopping"]
+        if restore_best_weights is None:
+            restore_best_weights = self._train_defaults.get("restore_best_weights", True)
         # Every stage's epochs are checked before the first stage trains.
         epochs = [self._stage_epochs(stage, max_epochs, options) for stage in stages]
         for stage, stage_epochs in zip(stages, epochs, strict=True):
@@ -336,7 +340,7 @@ class TrainingMixin:
             raise ValueError(f"{name} must be a whole number >= 1, got {epochs!r}.")
         return int(epochs)
 
-    def _run_stage(
+    def _run_stage(  # a model may extend it around super()._run_stage (SCPRETRAIN)
         self,
         stage: TrainingStage,
         *,

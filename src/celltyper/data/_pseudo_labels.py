@@ -1,0 +1,185 @@
+"""K-means pseudo-labels of every cell, and the data module scPretrain pretrains on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from scvi import REGISTRY_KEYS
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from celltyper.nn import kmeans
+
+#: Minibatch keys of :class:`PseudoLabelDataModule` besides the expression.
+DATASET_KEY = "dataset"
+PSEUDO_LABELS_KEY = "pseudo_labels"
+
+
+def n_clusters_for(n_cells: int, cells_per_cluster: int) -> int:
+    """``n_cells // cells_per_cluster + 1`` clusters, kept within ``[2, n_cells]``.
+
+    The paper's ``K = n / r + 1``; a dataset of fewer than ``r`` cells would otherwise get a
+    single cluster (a head with nothing to learn), so ``K`` is at least 2, and never
+    more than the number of cells (a one-cell dataset gets one cluster).
+    """
+    if cells_per_cluster < 1:
+        raise ValueError(f"resolutions must be positive cell counts, got {cells_per_cluster}.")
+    return int(min(n_cells, max(2, n_cells // cells_per_cluster + 1)))
+
+
+def check_resolutions(resolutions: Sequence[int]) -> tuple[int, ...]:
+    """``resolutions`` as a tuple of positive cells-per-cluster counts (or a ValueError)."""
+    resolutions = tuple(int(r) for r in resolutions)
+    if not resolutions:
+        raise ValueError("resolutions must name at least one cells-per-cluster value.")
+    for r in resolutions:
+        n_clusters_for(1, r)  # validates r
+    return resolutions
+
+
+def kmeans_pseudo_labels(
+    features,
+    datasets: np.ndarray,
+    dataset_names: Sequence[str],
+    resolutions: Sequence[int],
+    *,
+    phase: int,
+    seed: int,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    progress_bar: bool = False,
+    **kmeans_kwargs,
+) -> tuple[np.ndarray, list[list[int]], pd.DataFrame]:
+    """K-means clusters of every dataset at every resolution (one phase of scPretrain).
+
+    Parameters
+    ----------
+    features
+        Rows to cluster, cells x features (dense, sparse or a tensor).
+    datasets
+        Dataset code ``0 .. D-1`` of each cell; each dataset is clustered on its own.
+    dataset_names
+        Name of each dataset code.
+    resolutions
+        Cells per cluster of each resolution (see :func:`n_clusters_for`).
+    phase
+        Pretraining phase (recorded, and part of each clustering's seed).
+    seed
+        Seed; each (seed, phase, dataset, resolution) gets its own K-means seed.
+    transform, device, progress_bar, **kmeans_kwargs
+        Keywords of :func:`~celltyper.nn.kmeans`.
+
+    Returns
+    -------
+    ``(n_cells, n_resolutions)`` cluster codes, the number of clusters per dataset and
+    resolution, and one record per clustering (clusters, inertia, iterations, seconds).
+    """
+    labels = np.zeros((len(datasets), len(resolutions)), dtype=np.int64)
+    sizes: list[list[int]] = []
+    records = []
+    for d, name in enumerate(dataset_names):
+        members = np.flatnonzero(datasets == d)
+        rows = features[members]
+        sizes.append([])
+        for r, per_cluster in enumerate(resolutions):
+            k = n_clusters_for(len(members), per_cluster)
+            k_seed = int(np.random.SeedSequence([seed, phase, d, r]).generate_state(1)[0])
+            result = kmeans(
+                rows,
+                k,
+                transform=transform,
+                seed=k_seed,
+                device=device,
+                progress_bar=progress_bar,
+                description=f"K-means phase {phase}, {name}, K={k}",
+                **kmeans_kwargs,
+            )
+            labels[members, r] = result.labels
+            sizes[-1].append(k)
+            records.append(
+                {
+                    "phase": phase,
+                    "dataset": name,
+                    "cells_per_cluster": per_cluster,
+                    "n_cells": len(members),
+                    "n_clusters": k,
+                    "inertia": result.inertia,
+                    "n_iter": result.n_iter,
+                    "seconds": result.seconds,
+                }
+            )
+    return labels, sizes, pd.DataFrame.from_records(records)
+
+
+class _PseudoLabelledRows(torch.utils.data.Dataset):
+    """Cells as minibatch dicts: expression row, dataset code and pseudo-labels."""
+
+    def __init__(self, matrix, datasets: np.ndarray, pseudo_labels: np.ndarray):
+        self.matrix = sparse.csr_matrix(matrix) if sparse.issparse(matrix) else matrix
+        self.datasets = torch.as_tensor(np.asarray(datasets), dtype=torch.long)
+        self.pseudo_labels = torch.as_tensor(np.asarray(pseudo_labels), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, indices: list[int]) -> dict[str, Tensor]:
+        # One sparse slice per minibatch instead of one per cell.
+        order = np.asarray(indices)
+        rows = self.matrix[order]
+        rows = rows.toarray() if sparse.issparse(rows) else np.asarray(rows)
+        return {
+            REGISTRY_KEYS.X_KEY: torch.as_tensor(rows, dtype=torch.float32),
+            DATASET_KEY: self.datasets[order],
+            PSEUDO_LABELS_KEY: self.pseudo_labels[order],
+        }
+
+
+class PseudoLabelDataModule(pl.LightningDataModule):
+    """Shuffled minibatches of every cell with its dataset code and pseudo-labels.
+
+    Pretraining uses every cell and holds none out (no validation loader).
+
+    Parameters
+    ----------
+    matrix
+        The registered expression, cells x genes (dense or sparse; rows are densified one
+        minibatch at a time).
+    datasets
+        Dataset code of each cell.
+    pseudo_labels
+        ``(n_cells, n_resolutions)`` K-means clusters of each cell.
+    batch_size
+        Minibatch size.
+    """
+
+    def __init__(self, matrix, datasets, pseudo_labels, *, batch_size: int):
+        super().__init__()
+        self.rows = _PseudoLabelledRows(matrix, datasets, pseudo_labels)
+        self.batch_size = batch_size
+        # The attributes scvi-tools' runner reads from a data splitter.
+        self.n_train, self.n_val = len(self.rows), 0
+        self.train_idx = np.arange(self.n_train)
+        self.val_idx = self.test_idx = np.array([], dtype=int)
+
+    def train_dataloader(self) -> DataLoader:
+        n = len(self.rows)
+        # A trailing minibatch of one cell says little and is dropped.
+        drop_last = n > self.batch_size and n % self.batch_size == 1
+        return DataLoader(
+            self.rows,
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self.rows.collate,
+            drop_last=drop_last,
+        )
+
+    def val_dataloader(self) -> list:
+        return []
