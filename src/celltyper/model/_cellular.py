@@ -143,9 +143,7 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         seed: int = 0,
     ):
         super().__init__(adata)
-        self._init_data_checks()
-        if batch_centering:
-            self._check_batch_centering()
+        self._init_data_checks(batch_centering)
         is_counts = self.input_kind_ == "counts"
         matrix, codes = self._labelled_reference()
         mean_total = float(row_totals(matrix).mean()) if is_counts and len(codes) else 1.0

@@ -104,9 +104,7 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
         seed: int = 0,
     ):
         super().__init__(adata)
-        self._init_data_checks()
-        if batch_centering:
-            self._check_batch_centering()
+        self._init_data_checks(batch_centering)
         self._domain_from_batch = self.n_batches > 1
         n_domains = self.n_batches if self._domain_from_batch else 2
         with seeded(seed):

@@ -147,6 +147,12 @@ class LogExpressionClassifier(ClassifierModule):
     #: :meth:`init_batch_centering`).
     batch_centering: bool = False
 
+    def __init__(self, n_input: int, n_labels: int, normalize_counts: bool = True):
+        super().__init__()
+        self.n_input = n_input
+        self.n_labels = n_labels
+        self.normalize_counts = normalize_counts
+
     def target_sum(self) -> float:
         """Total each cell is scaled to before ``log1p``."""
         raise NotImplementedError("A LogExpressionClassifier must define target_sum().")

@@ -96,11 +96,8 @@ class CELLULARModule(LogExpressionClassifier):
         mean_total: float = 1e4,
         temperature: float = 0.25,
     ):
-        super().__init__()
-        self.n_input = n_input
-        self.n_labels = n_labels
+        super().__init__(n_input, n_labels, normalize_counts)
         self.n_latent = n_latent
-        self.normalize_counts = normalize_counts
         self.encoder = _encoder(n_input, tuple(n_hidden), n_latent, dropout_rate)
         self.classifier = _classifier(n_latent, classifier_hidden, n_labels, dropout_rate)
         self.raw_temperature = nn.Parameter(torch.tensor(float(temperature)))

@@ -75,11 +75,8 @@ class SCNYMModule(LogExpressionClassifier):
         normalize_counts: bool = True,
         domain_from_batch: bool = True,
     ):
-        super().__init__()
-        self.n_input = n_input
-        self.n_labels = n_labels
+        super().__init__(n_input, n_labels, normalize_counts)
         self.n_domains = n_domains
-        self.normalize_counts = normalize_counts
         self.domain_from_batch = domain_from_batch
         self.encoder = FCLayers(
             n_in=n_input,

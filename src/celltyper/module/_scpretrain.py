@@ -79,11 +79,8 @@ class SCPRETRAINModule(LogExpressionClassifier):
         normalize_counts: bool = True,
         target_sum: float = SCPRETRAIN_TARGET_SUM,
     ):
-        super().__init__()
-        self.n_input = n_input
-        self.n_labels = n_labels
+        super().__init__(n_input, n_labels, normalize_counts)
         self.n_latent = n_latent
-        self.normalize_counts = normalize_counts
         self._target_sum = float(target_sum)
         self.encoder = _encoder(n_input, tuple(n_hidden), n_latent)
         self.classifier = _classifier(n_latent, classifier_hidden, n_labels)

@@ -34,7 +34,8 @@ class BatchCenteringMixin:
     """``batch_centering`` for models whose module is a
     :class:`~celltyper.module.LogExpressionClassifier`.
 
-    The model calls :meth:`_check_batch_centering` before building its module and
+    The model passes ``batch_centering`` to ``_init_data_checks`` (which calls
+    :meth:`_check_batch_centering`) before building its module and
     :meth:`_init_batch_centering` after; query surgery then fills in the means of the
     query's new batches (:meth:`_after_query_surgery`).
     """

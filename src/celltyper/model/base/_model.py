@@ -206,8 +206,9 @@ class CellTyperModel(TrainingMixin, InterpretMixin, AnnotationMixin, QueryMixin,
         check_labels(obs, labels_key, unlabeled_category)
 
     # -- init helpers -----------------------------------------------------------------------
-    def _init_data_checks(self) -> None:
-        """Record the kind of input and check the labels; call in ``__init__``."""
+    def _init_data_checks(self, batch_centering: bool = False) -> None:
+        """Record the kind of input and check the labels (and that batch centring can
+        work, when asked); call in ``__init__``."""
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         self.input_kind_ = check_matrix_values(matrix)
         if self._input_kind == "counts":
@@ -217,6 +218,8 @@ class CellTyperModel(TrainingMixin, InterpretMixin, AnnotationMixin, QueryMixin,
             and self.adata_manager.registry["setup_args"].get("labels_key") is None
         ):
             raise ValueError(f"{type(self).__name__} needs labels: setup with labels_key.")
+        if batch_centering:
+            self._check_batch_centering()
 
     @property
     def n_labels(self) -> int:
