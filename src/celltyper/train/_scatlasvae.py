@@ -72,6 +72,12 @@ class SCATLASVAETrainingPlan(CellTyperTrainingPlan):
                 n_epochs = None
         self.prediction_start_epoch = 0 if n_epochs is None else max(0, max_epochs - n_epochs)
         self._warn_short_head_window(max_epochs)
+        n_batches = int(self.trainer.num_training_batches)
+        if self.n_epochs_kl_warmup and self.n_steps_kl_warmup is None and n_batches > 0:
+            # scvi's epoch warm-up raises the KL weight once per epoch; the same ramp by
+            # steps rises within each epoch too, as scAtlasVAE's does.
+            self.n_steps_kl_warmup = round(self.n_epochs_kl_warmup * n_batches)
+            self.n_epochs_kl_warmup = None
 
     def _warn_short_head_window(self, max_epochs: int) -> None:
         """Warn when a late head window leaves the linear heads too few optimiser steps."""
