@@ -22,6 +22,9 @@ from ._tasks import UNLABELLED
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 TASKS = ("transfer", "novelty", "label_efficiency", "integration")
+#: ``seurat_v3`` ranks genes on the raw counts; ``seurat`` (scanpy's default) on
+#: log1p(CP10k), as a user following scanpy's tutorial would.
+HVG_FLAVORS = ("seurat_v3", "seurat")
 
 #: Subset sizes of ``--quick`` (cells per split, genes): enough for every metric.
 QUICK_REFERENCE, QUICK_QUERY, QUICK_HVG = 240, 360, 300
@@ -53,6 +56,8 @@ class TaskSpec:
     unlabelled: tuple[str, ...] = (UNLABELLED,)
     n_hvg: int = 2000
     hvg_batch_key: str | None = None
+    hvg_flavor: str = "seurat_v3"
+    in_quick: bool = True
     reference: Split | None = None
     query: Split | None = None
     reference_labelled_only: bool = False
@@ -89,7 +94,8 @@ class TaskSpec:
             raise ValueError(f"{where}: tasks {sorted(needs_split)} need [reference] and [query].")
         known = {
             "name", "file", "label_key", "batch_key", "tasks", "description", "unlabelled",
-            "n_hvg", "hvg_batch_key", "reference", "query", "max_unlabelled_query", *TASKS,
+            "n_hvg", "hvg_batch_key", "hvg_flavor", "quick", "reference", "query",
+            "max_unlabelled_query", *TASKS,
         }  # fmt: skip
         extra = sorted(set(raw) - known)
         if extra:
@@ -104,6 +110,8 @@ class TaskSpec:
             unlabelled=tuple(str(v) for v in raw.get("unlabelled", [UNLABELLED])),
             n_hvg=int(raw.get("n_hvg", 2000)),
             hvg_batch_key=raw.get("hvg_batch_key"),
+            hvg_flavor=_hvg_flavor(raw.get("hvg_flavor", "seurat_v3"), where),
+            in_quick=bool(raw.get("quick", True)),
             reference=reference,
             query=query,
             reference_labelled_only=bool((raw.get("reference") or {}).get("labelled_only")),
@@ -111,6 +119,12 @@ class TaskSpec:
             options={task: dict(raw[task]) for task in TASKS if task in raw},
             path=path,
         )
+
+
+def _hvg_flavor(flavor: str, where: str) -> str:
+    if flavor not in HVG_FLAVORS:
+        raise ValueError(f"{where}: hvg_flavor must be one of {HVG_FLAVORS}, got {flavor!r}.")
+    return flavor
 
 
 def _split(raw: dict | None, where: str) -> Split | None:
@@ -152,8 +166,9 @@ def prepare(spec: TaskSpec, data_dir: Path, quick: bool = False, seed: int = 0) 
     ``X`` holds the raw counts of the selected genes. ``obs`` gains ``true_label``
     (``"Unknown"`` for unlabelled cells), ``train_label`` (the labels the methods may
     use: reference labels for a transfer task, every label for integration),
-    ``is_reference``, ``scored`` (labelled query cells; labelled cells for integration)
-    and ``total_counts``; the batch column is a string.
+    ``is_reference``, ``scored`` (labelled query cells of types the reference has;
+    labelled cells for integration), ``novel_type`` (labelled query cells of types the
+    reference lacks) and ``total_counts``; the batch column is a string.
     """
     path = Path(data_dir) / spec.file
     if not path.exists():
@@ -187,7 +202,12 @@ def prepare(spec: TaskSpec, data_dir: Path, quick: bool = False, seed: int = 0) 
     adata.obs[spec.batch_key] = adata.obs[spec.batch_key].astype(str)
     labelled_kept = (adata.obs["true_label"] != UNLABELLED).to_numpy()
     scored = labelled_kept if spec.reference is None else labelled_kept & ~is_ref
-    adata.obs["scored"] = scored
+    # Query cells of types the reference lacks cannot be transferred: they are kept (and
+    # marked) as novel cells, and label transfer scores the others.
+    reference_types = set(adata.obs["true_label"][is_ref & labelled_kept])
+    novel = scored & ~adata.obs["true_label"].isin(reference_types).to_numpy()
+    adata.obs["novel_type"] = novel
+    adata.obs["scored"] = scored & ~novel
     # Genes are chosen on every selected cell, before any subsampling, so that --quick
     # and the full run use the same kind of genes.
     n_hvg = min(spec.n_hvg, QUICK_HVG) if quick else spec.n_hvg
@@ -195,9 +215,7 @@ def prepare(spec: TaskSpec, data_dir: Path, quick: bool = False, seed: int = 0) 
         hvg_batch = spec.hvg_batch_key
         if hvg_batch is not None:
             adata.obs[hvg_batch] = adata.obs[hvg_batch].astype(str)
-        sc.pp.highly_variable_genes(
-            adata, n_top_genes=n_hvg, flavor="seurat_v3", batch_key=hvg_batch, subset=True
-        )
+        adata = _select_hvgs(adata, n_hvg, spec.hvg_flavor, hvg_batch)
     if quick:
         adata = adata[_quick_mask(is_ref, labelled, np.random.default_rng(seed))].copy()
     elif spec.max_unlabelled_query is not None:
@@ -205,6 +223,20 @@ def prepare(spec: TaskSpec, data_dir: Path, quick: bool = False, seed: int = 0) 
     if adata.obs["scored"].sum() == 0:
         raise ValueError(f"spec {spec.name}: no labelled query cell to score.")
     return adata
+
+
+def _select_hvgs(adata: ad.AnnData, n_hvg: int, flavor: str, batch_key: str | None):
+    """``adata`` (raw counts) restricted to ``n_hvg`` highly variable genes."""
+    if flavor == "seurat_v3":
+        ranked = adata
+    else:
+        ranked = ad.AnnData(adata.X.copy(), obs=adata.obs[[batch_key]] if batch_key else None)
+        sc.pp.normalize_total(ranked, target_sum=1e4)
+        sc.pp.log1p(ranked)
+    genes = sc.pp.highly_variable_genes(
+        ranked, n_top_genes=n_hvg, flavor=flavor, batch_key=batch_key, inplace=False
+    )["highly_variable"].to_numpy()
+    return adata[:, genes].copy()
 
 
 def _quick_mask(is_ref, labelled, rng) -> np.ndarray:

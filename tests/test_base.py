@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import make_counts_adata
 from torch import nn
 
 from celltyper.data import stratified_split
@@ -170,6 +171,59 @@ def _fake_trainer(epoch, score, monitor="validation_loss", sanity=False):
 def _set_weight(pl_module, value):
     with torch.no_grad():
         pl_module.module.weight.fill_(value)  # in place: the stored copy must not follow
+
+
+def _splitter(ratio, n_unlabelled_per_batch=40, seed=0):
+    from scvi import REGISTRY_KEYS
+
+    from celltyper.data import LabelledUnlabelledSplitter
+    from celltyper.model import SCNYM
+
+    adata = make_counts_adata(cells_per=n_unlabelled_per_batch)
+    SCNYM.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    manager = SCNYM(adata, n_hidden=8).adata_manager
+    splitter = LabelledUnlabelledSplitter(
+        manager, n_labels=4, batch_size=16, seed=seed, unlabelled_ratio=ratio
+    )
+    return splitter, REGISTRY_KEYS.LABELS_KEY
+
+
+def test_labelled_epoch_keeps_its_length_whatever_the_unlabelled_cells():
+    lengths = []
+    for per_batch in (20, 80):  # four times as many unlabelled cells
+        splitter, labels_key = _splitter(0.5, per_batch)
+        loader = splitter.train_dataloader()
+        steps = list(loader)
+        n_labelled = len(splitter.labelled_sampling_idx)
+        assert len(loader) == len(steps) == -(-n_labelled // 16)
+        for labelled, unlabelled in steps:
+            assert (labelled[labels_key] < 4).all() and (unlabelled[labels_key] >= 4).all()
+            assert len(unlabelled[labels_key]) == 8  # ratio 0.5 of 16
+        lengths.append(len(loader))
+    assert lengths[0] == -(-int(0.9 * 4 * 20) // 16)  # the labelled cells set the length
+    # Without a ratio an epoch runs over the larger (unlabelled) set instead.
+    splitter, _ = _splitter(None, 80)
+    assert len(splitter.train_dataloader()) > lengths[1]
+
+
+def test_labelled_epoch_draws_every_unlabelled_cell_in_turn():
+    splitter, _ = _splitter(1.0, 20)
+    loader = splitter.train_dataloader()
+    seen = []
+    torch.manual_seed(0)
+    for _ in range(6):
+        for _, unlabelled in loader:
+            seen.append(unlabelled["X"].sum(dim=1))
+    n_drawn = sum(len(x) for x in seen)
+    n_unlabelled = len(splitter.unlabelled_idx)
+    assert n_drawn > n_unlabelled
+    # The first full pass over the unlabelled cells holds each of them exactly once.
+    first_pass = torch.cat(seen)[:n_unlabelled]
+    counts = splitter.adata_manager.get_from_registry("X")[splitter.unlabelled_idx]
+    expected = np.sort(np.asarray(counts.sum(axis=1)).ravel())
+    np.testing.assert_allclose(np.sort(first_pass.numpy()), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="unlabelled_ratio"):
+        _splitter(0.0)
 
 
 def test_restore_best_weights_min_mode():

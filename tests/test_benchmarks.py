@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
+import scanpy as sc
 from benchmarks._methods import PEERS, FitInput, Method, all_methods
 from benchmarks._report import METRICS, best_vs_peer, markdown_report, summarise
 from benchmarks._runner import Unit, evaluate, plan_units, run_benchmark, unit_data
@@ -65,7 +68,14 @@ def test_builtin_specs_parse():
         "kang_ctrl_to_stim",
         "cellbench_10x_to_celseq_dropseq",
         "kang_integration",
+        "kang_whole_object",
+        "baron_human_to_mouse",
     }
+    # The whole-object protocol: every cell, scanpy's default HVG flavour, not in --quick.
+    whole = specs["kang_whole_object"]
+    assert not whole.reference_labelled_only and whole.max_unlabelled_query is None
+    assert whole.hvg_flavor == "seurat" and not whole.in_quick
+    assert specs["kang_ctrl_to_stim"].in_quick
     assert specs["kang_ctrl_to_stim"].reference.values == ("control",)
     assert specs["kang_ctrl_to_stim"].reference_labelled_only
     assert specs["cellbench_10x_to_celseq_dropseq"].query.values == ("CEL-seq2", "Drop-seq")
@@ -134,6 +144,38 @@ def test_prepare_from_a_user_spec(synthetic_spec):
     assert not obs.loc[obs["true_label"] == "Unknown", "scored"].any()
     assert (obs.loc[obs["scored"], "batch"] == "b1").all()
     np.testing.assert_array_equal(adata.X.data, np.round(adata.X.data))  # raw counts
+
+
+def test_query_types_the_reference_lacks_are_marked_novel_not_scored(synthetic_spec):
+    raw = ad.read_h5ad(synthetic_spec.path.parent / "synthetic.h5ad")
+    raw.obs["cell_type"] = raw.obs["cell_type"].astype(str)
+    is_ref_t3 = (raw.obs["batch"] == "b0").to_numpy() & (raw.obs["cell_type"] == "T3").to_numpy()
+    raw.obs.loc[is_ref_t3, "cell_type"] = "Unknown"  # the reference loses T3
+    raw.write_h5ad(synthetic_spec.path.parent / "synthetic.h5ad")
+    obs = prepare(synthetic_spec, synthetic_spec.path.parent).obs
+    t3_query = (~obs["is_reference"] & (obs["true_label"] == "T3")).to_numpy()
+    assert t3_query.sum() == 30
+    assert obs["novel_type"].to_numpy()[t3_query].all() and obs["novel_type"].sum() == 30
+    assert not obs["scored"].to_numpy()[t3_query].any()
+    assert obs["scored"].sum() == 3 * 30
+
+
+def test_hvg_flavor_seurat_ranks_log_normalised_counts(synthetic_spec):
+    raw = synthetic_spec.__dict__ | {"hvg_flavor": "seurat", "n_hvg": 20}
+    spec = TaskSpec(**raw)
+    adata = prepare(spec, synthetic_spec.path.parent)
+    assert adata.n_vars == 20
+    np.testing.assert_array_equal(adata.X.data, np.round(adata.X.data))  # still raw counts
+    counts = ad.read_h5ad(synthetic_spec.path.parent / "synthetic.h5ad")
+    counts = counts[counts.obs_names.isin(adata.obs_names)].copy()
+    sc.pp.normalize_total(counts, target_sum=1e4)
+    sc.pp.log1p(counts)
+    expected = sc.pp.highly_variable_genes(
+        counts, n_top_genes=20, flavor="seurat", batch_key="batch", inplace=False
+    )
+    assert set(adata.var_names) == set(counts.var_names[expected["highly_variable"]])
+    with pytest.raises(ValueError, match="hvg_flavor"):
+        TaskSpec.from_dict({**tomllib.loads(SYNTHETIC_SPEC), "hvg_flavor": "cell_ranger"})
 
 
 def test_variants_withhold_a_type_and_subsample_labels(synthetic_spec):

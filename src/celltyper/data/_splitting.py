@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.dataloaders import AnnDataLoader, ConcatDataLoader
@@ -48,12 +49,63 @@ def balanced_resample(indices: np.ndarray, labels: np.ndarray, seed: int = 0) ->
     return np.concatenate(parts) if parts else indices
 
 
+class LabelledEpochLoader:
+    """``[labelled_batch, unlabelled_batch]`` pairs, as many as the labelled loader has.
+
+    Each pass takes the next ``len(labelled) * per_step`` unlabelled cells from a stream
+    of random permutations of ``unlabelled_idx``: every unlabelled cell is seen in turn,
+    in a new order after each pass over all of them.
+    """
+
+    def __init__(
+        self,
+        labelled: AnnDataLoader,
+        adata_manager: AnnDataManager,
+        unlabelled_idx: np.ndarray,
+        per_step: int,
+        **loader_kwargs,
+    ):
+        self.labelled = labelled
+        self.adata_manager = adata_manager
+        self.unlabelled_idx = np.asarray(unlabelled_idx)
+        self.per_step = per_step
+        self.loader_kwargs = loader_kwargs
+        self._stream = np.array([], dtype=int)
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def _next_unlabelled(self, n: int) -> np.ndarray:
+        while len(self._stream) < n:
+            # torch's generator, so train(seed=...) makes the draws reproducible.
+            order = torch.randperm(len(self.unlabelled_idx)).numpy()
+            self._stream = np.concatenate([self._stream, self.unlabelled_idx[order]])
+        chosen, self._stream = self._stream[:n], self._stream[n:]
+        return chosen
+
+    def __iter__(self):
+        unlabelled = AnnDataLoader(
+            self.adata_manager,
+            indices=self._next_unlabelled(len(self.labelled) * self.per_step),
+            shuffle=False,
+            batch_size=self.per_step,
+            **self.loader_kwargs,
+        )
+        for pair in zip(self.labelled, unlabelled, strict=False):
+            yield list(pair)
+
+
 class LabelledUnlabelledSplitter(pl.LightningDataModule):
     """Yields ``[labelled_batch, unlabelled_batch]`` pairs; validates on labelled cells.
 
     Labelled cells (label code < ``n_labels``) are split per class into training and
-    validation cells; every unlabelled cell is used for training. An epoch is a pass over
-    the larger of the two training sets, the smaller one cycling.
+    validation cells; every unlabelled cell is used for training. By default an epoch is
+    a pass over the larger of the two training sets, the smaller one cycling. With
+    ``unlabelled_ratio``, an epoch is a pass over the labelled cells and each step adds
+    ``unlabelled_ratio * batch_size`` unlabelled cells, drawn afresh (every unlabelled
+    cell in turn, in a new random order after each pass over them): the labelled cells
+    then keep their weight, and an epoch its cost, however many unlabelled cells there
+    are.
 
     Parameters
     ----------
@@ -75,6 +127,10 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
     include_unlabelled
         Train on the unlabelled cells too (the default); ``False`` leaves them out, for
         methods whose loss needs a label on every cell.
+    unlabelled_ratio
+        Unlabelled cells per labelled cell in each step, the epoch being a pass over the
+        labelled cells; ``None``: an epoch is a pass over the larger set. Without a
+        labelled training cell, an epoch is a pass over the unlabelled cells.
     """
 
     def __init__(
@@ -87,9 +143,13 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         allow_unlabelled_only: bool = False,
         balance_classes: bool = False,
         include_unlabelled: bool = True,
+        unlabelled_ratio: float | None = None,
         **loader_kwargs,
     ):
         super().__init__()
+        if unlabelled_ratio is not None and not unlabelled_ratio > 0:
+            raise ValueError(f"unlabelled_ratio must be > 0 or None, got {unlabelled_ratio}.")
+        self.unlabelled_ratio = unlabelled_ratio
         self.adata_manager = adata_manager
         self.batch_size = batch_size
         self.loader_kwargs = loader_kwargs
@@ -119,6 +179,12 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         return n > self.batch_size and n % self.batch_size == 1
 
     def train_dataloader(self):
+        if (
+            self.unlabelled_ratio is not None
+            and len(self.labelled_sampling_idx)
+            and len(self.unlabelled_idx)
+        ):
+            return self._labelled_epoch_loader()
         indices = [i for i in (self.labelled_sampling_idx, self.unlabelled_idx) if len(i)]
         return ConcatDataLoader(
             self.adata_manager,
@@ -127,6 +193,20 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
             batch_size=self.batch_size,
             drop_last=any(self._drop_last(len(i)) for i in indices),
             **self.loader_kwargs,
+        )
+
+    def _labelled_epoch_loader(self) -> LabelledEpochLoader:
+        labelled = AnnDataLoader(
+            self.adata_manager,
+            indices=self.labelled_sampling_idx,
+            shuffle=True,
+            batch_size=self.batch_size,
+            drop_last=self._drop_last(len(self.labelled_sampling_idx)),
+            **self.loader_kwargs,
+        )
+        per_step = max(1, round(self.unlabelled_ratio * self.batch_size))
+        return LabelledEpochLoader(
+            labelled, self.adata_manager, self.unlabelled_idx, per_step, **self.loader_kwargs
         )
 
     def val_dataloader(self):
