@@ -43,9 +43,6 @@ RECIPES: dict[str, dict[str, dict]] = {
     # 256 rank tokens per cell cost ~25 CPU s per epoch on 400 cells: --quick checks the
     # wiring, so it uses 64 tokens.
     "RANKFORMER": {"train": {"max_epochs": 6}, "init_quick": {"n_tokens": 64}},
-    # scvi-tools' epoch heuristic gives 400 epochs on these data; heads train throughout
-    # (with the published last-10-epochs window they see too few steps on 759 cells).
-    "SCATLASVAE": {"train": {"max_epochs": 30, "n_epochs_prediction": None}},
     # The self-supervised pretraining stages have their own epochs.
     "SCPRETRAIN": {
         "train": {"pretrain_epochs": 10},

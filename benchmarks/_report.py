@@ -16,6 +16,8 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("macro_f1", "macro F1", True),
         ("cohen_kappa", "Cohen's kappa", True),
         ("ece", "ECE", False),
+        ("flagged_known", "known flagged", False),
+        ("novel_type_auroc", "novel-type AUROC", True),
         ("train_seconds", "train s", False),
         ("train_cpu_seconds", "train CPU s", False),
         ("predict_cells_per_s", "predict cells/s", True),

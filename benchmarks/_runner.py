@@ -146,6 +146,8 @@ def evaluate(unit: Unit, fitted, data: ad.AnnData) -> tuple[dict, np.ndarray | N
     table = fitted.annotate(query)
     predict_seconds = time.perf_counter() - start
     scored = data.obs["scored"].to_numpy()[query]
+    novel_type = data.obs["novel_type"].to_numpy().astype(bool)[query]
+    extra = _transfer_novelty(table, scored, novel_type) if unit.task == "transfer" else {}
     table = table.iloc[np.flatnonzero(scored)]
     y_true = data.obs["true_label"].to_numpy()[query][scored]
     pred = table["prediction"].to_numpy().astype(str)
@@ -165,10 +167,24 @@ def evaluate(unit: Unit, fitted, data: ad.AnnData) -> tuple[dict, np.ndarray | N
             n_novel=int(is_novel.sum()),
         )
         return row, None
-    row.update(classification_scores(y_true, pred))
+    row.update(classification_scores(y_true, pred), **extra)
     confidence = np.clip(table["confidence"].to_numpy(dtype=float), 0.0, 1.0)
     row["ece"] = expected_calibration_error(confidence, pred == y_true)
     return row, None
+
+
+def _transfer_novelty(table, scored: np.ndarray, novel_type: np.ndarray) -> dict:
+    """Known query cells flagged novel, and the AUROC of the query's types that the
+    reference lacks (when it has any), on a transfer unit."""
+    flags = table["novel"].to_numpy(dtype=float)
+    out: dict = {}
+    if not np.isnan(flags).all():
+        out["flagged_known"] = float(np.mean(flags[scored]))
+    if novel_type.any():
+        both = scored | novel_type
+        scores = table["novelty"].to_numpy(dtype=float)[both]
+        out["novel_type_auroc"] = novelty_auroc(scores, novel_type[both])
+    return out
 
 
 def run_unit(

@@ -120,6 +120,22 @@ def test_training_options_reach_train(tmp_path, monkeypatch, model, extra, expec
     assert received["seed"] == 5
 
 
+def test_diverged_training_exits_1_with_the_model_s_advice(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    cls = cli.resolve_model("scnym")
+
+    def diverging_train(self, *args, **kwargs):
+        raise FloatingPointError("SCNYMModule's training loss became nan; lower lr")
+
+    monkeypatch.setattr(cls, "train", diverging_train)
+    code = main(["annotate", "--reference", str(parts["reference"][0]),
+                 "--query", str(parts["query"][0]), "--model", "scnym"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "training failed" in err and "lower lr" in err and "Traceback" not in err
+
+
 def test_model_setup_error_is_a_usage_error_with_the_model_s_message(
     tmp_path, monkeypatch, capsys
 ):

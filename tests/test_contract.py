@@ -143,11 +143,31 @@ def test_annotation_table(trained):
     np.testing.assert_allclose(confidence, soft.max(axis=1).to_numpy(), atol=1e-6)
     np.testing.assert_array_equal(table["prediction"].astype(str).to_numpy(), model.predict())
     assert table["novel"].dtype == bool
-    np.testing.assert_array_equal(
-        table["novel"].to_numpy(), table["novelty"].to_numpy() > model.novelty_threshold_
-    )
-    # An explicit threshold overrides the calibrated one.
+    # The calibrated threshold only rises (per batch, with the batch's shift).
+    novel, novelty = table["novel"].to_numpy(), table["novelty"].to_numpy()
+    assert (novelty[novel] > model.novelty_threshold_).all()
+    # An explicit threshold overrides the calibrated one, as given.
+    middle = float(np.median(novelty))
+    explicit = model.annotation_table(novelty_threshold=middle)
+    np.testing.assert_array_equal(explicit["novel"].to_numpy(), novelty > middle)
     assert not model.annotation_table(novelty_threshold=np.inf)["novel"].any()
+
+
+def test_majority_voting_adds_cluster_columns(trained, raw_data):
+    model, _ = trained
+    table = model.annotation_table(majority_voting=True)
+    assert list(table.columns)[-2:] == ["over_clustering", "majority_voting"]
+    # Every cluster carries one label, the most frequent prediction of its cells.
+    for _, cells in table.groupby("over_clustering", observed=True):
+        assert cells["majority_voting"].nunique() == 1
+        counts = cells["prediction"].value_counts()
+        assert counts[cells["majority_voting"].iloc[0]] == counts.max()
+    annotated = raw_data.copy()
+    model.annotate(annotated, key_added="mv", majority_voting=True)
+    assert {"mv_over_clustering", "mv_majority_voting"} <= set(annotated.obs)
+    np.testing.assert_array_equal(
+        annotated.obs["mv_majority_voting"].astype(str), table["majority_voting"].astype(str)
+    )
 
 
 def test_novelty_threshold_calibrated_after_training(trained):
@@ -422,6 +442,27 @@ def test_unknown_training_keyword_raises(trained):
         model.train(max_epochs=0)
     with pytest.raises(ValueError, match="train_size"):
         model.train(max_epochs=1, train_size=0.8, validation_size=0.5)
+
+
+class _PoisonWeights(pl.Callback):
+    """Turns every weight into NaN as a stage starts, as a diverged step would."""
+
+    def on_train_start(self, trainer, pl_module):
+        with torch.no_grad():
+            for parameter in pl_module.module.parameters():
+                parameter.fill_(float("nan"))
+
+
+def test_diverged_training_stops_with_a_clear_error(model_cls, raw_data):
+    adata = raw_data.copy()
+    model_cls.setup_anndata(adata, **_setup_kwargs())
+    model = model_cls(adata, **tiny_kwargs(model_cls))
+    kwargs = train_kwargs(model_cls, max_epochs=1)
+    with pytest.raises(
+        FloatingPointError, match=r"training (loss|weights) became nan.* at epoch 0.*lr="
+    ):
+        model.train(**kwargs, callbacks=[_PoisonWeights()])
+    assert not model.is_trained_
 
 
 def test_history_holds_train_and_validation_loss(trained):

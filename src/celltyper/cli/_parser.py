@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ._common import DEFAULT_LABELS_KEY, DEFAULT_OUTPUT, DEMO_BATCH_KEY, CliError
 from ._run import annotate_command, available_models
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     The exit code (0 on success). Bad arguments or inputs exit with code 2 through
-    :class:`SystemExit`, with a message, as argparse does.
+    :class:`SystemExit`, with a message, as argparse does; a diverged training returns 1
+    with the model's advice.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -135,4 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except CliError as err:
         args.command_parser.error(str(err))
+    except FloatingPointError as err:
+        print(f"{args.command_parser.prog}: training failed: {err}", file=sys.stderr)
+        return 1
     return 2  # not reached: error() exits

@@ -177,7 +177,7 @@ class CellTyperTrainingPlan(TrainingPlan):
         scheduled = self.scheduled_loss_kwargs(batch_idx)
         if "kl_weight" in self.loss_kwargs:
             scheduled["kl_weight"] = self.kl_weight
-        _, _, loss_output = self.forward(batch, loss_kwargs={**self.loss_kwargs, **scheduled})
+        loss_output = self._forward_checked(batch, batch_idx, {**self.loss_kwargs, **scheduled})
         n = loss_output.n_obs_minibatch
         self.log(
             "train_loss",
@@ -192,6 +192,34 @@ class CellTyperTrainingPlan(TrainingPlan):
         for name, value in scheduled.items():
             self.log(name, float(value), on_step=False, on_epoch=True, batch_size=n)
         return loss_output.loss
+
+    def _diverged(self, batch_idx: int, found: str) -> FloatingPointError:
+        """The error that stops a diverged fit, before NaN weights turn into answers."""
+        return FloatingPointError(
+            f"{type(self.module).__name__}'s training {found} at epoch {self.current_epoch}, "
+            f"step {batch_idx}. Training diverged: train for fewer epochs (max_epochs), or "
+            f"with a lower learning rate (lr={self.lr})."
+        )
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+
+    def _forward_checked(self, batch: dict[str, Tensor], batch_idx: int, loss_kwargs: dict):
+        """``forward``, with a NaN or infinite loss, or NaN weights, raised clearly."""
+        try:
+            _, _, loss_output = self.forward(batch, loss_kwargs=loss_kwargs)
+        except ValueError as error:
+            # NaN weights fail first in a distribution's argument check, far from the cause.
+            if self._weights_finite():
+                raise
+            raise self._diverged(batch_idx, "weights became nan") from error
+        if not bool(torch.isfinite(loss_output.loss).all()):
+            terms = {
+                k: round(float(v.detach().mean()), 4) for k, v in loss_terms(loss_output).items()
+            }
+            value = float(loss_output.loss.detach().float().mean())
+            raise self._diverged(batch_idx, f"loss became {value} (terms: {terms})")
+        return loss_output
 
     def validation_loss_output(self, batch: dict[str, Tensor]) -> LossOutput | None:
         """The validation criterion of a minibatch (``None``: nothing to score in it)."""

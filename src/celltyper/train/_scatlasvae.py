@@ -18,8 +18,9 @@ class SCATLASVAETrainingPlan(CellTyperTrainingPlan):
     and passes on); the KL warm-up is scvi-tools' (``n_epochs_kl_warmup``,
     ``max_kl_weight``, passed to the loss as ``kl_weight``). What stays here:
 
-    - the window of the cell-type heads: their loss joins for the last
-      ``n_epochs_prediction`` epochs of the fit (as published), computed from the
+    - the window of the cell-type heads: by default they train throughout; with
+      ``n_epochs_prediction`` their loss joins for the last epochs of the fit only (as
+      published, where 10 epochs left Kang's heads underfit), computed from the
       trainer's ``max_epochs`` when training starts, and logged as
       ``prediction_weight``. With early stopping the last epochs are unknown, so the
       heads train throughout (with a warning); a late window of fewer than
@@ -35,8 +36,8 @@ class SCATLASVAETrainingPlan(CellTyperTrainingPlan):
     module
         An :class:`~celltyper.module.SCATLASVAEModule`.
     n_epochs_prediction
-        Last epochs whose loss includes the cell-type heads; ``None`` trains the heads
-        throughout.
+        Last epochs whose loss includes the cell-type heads; ``None`` (default) trains the
+        heads throughout.
     **kwargs
         Keywords of :class:`~celltyper.train.CellTyperTrainingPlan` (optimizer: Adam, lr
         1e-3, no weight decay), of scvi-tools' ``TrainingPlan`` (``n_epochs_kl_warmup``:
@@ -47,7 +48,7 @@ class SCATLASVAETrainingPlan(CellTyperTrainingPlan):
     log_elbo = True
     scheduled_loss_arguments = ("prediction_weight",)
 
-    def __init__(self, module, *, n_epochs_prediction: int | None = 10, **kwargs):
+    def __init__(self, module, *, n_epochs_prediction: int | None = None, **kwargs):
         if n_epochs_prediction is not None and n_epochs_prediction < 1:
             raise ValueError(
                 f"n_epochs_prediction must be >= 1 or None, got {n_epochs_prediction}."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -13,21 +12,21 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
+from scipy.special import softmax
 from scvi.data._constants import _SCVI_UUID_KEY
 
+from celltyper._utils._clusters import majority_vote, over_cluster
+
+from ._confidence import ConfidenceMixin
 from ._data import Registration, build_model_data
 
-DEFAULT_NOVELTY_QUANTILE = 0.95
 
-
-class AnnotationMixin:
+class AnnotationMixin(ConfidenceMixin):
     """``predict``, ``annotate``, novelty, latent space and cell-type representations.
 
     Requires the host model's module to implement the
     :class:`~celltyper.module.CellTyperModule` interface (``embed`` and ``classify``).
     """
-
-    novelty_threshold_: float | None = None
 
     # -- data resolution ----------------------------------------------------------------
     @classmethod
@@ -99,9 +98,6 @@ class AnnotationMixin:
             self.module.train(was_training)
         return {name: np.concatenate(parts) for name, parts in collected.items()}
 
-    def _probabilities(self, tensors) -> torch.Tensor:
-        return torch.softmax(self.module.classify(tensors), dim=-1)
-
     # -- public API ---------------------------------------------------------------------
     def get_latent_representation(
         self,
@@ -158,20 +154,13 @@ class AnnotationMixin:
             return pd.DataFrame(probs, index=names, columns=self.cell_types)
         return np.asarray(self.cell_types, dtype=object)[probs.argmax(axis=1)]
 
-    def novelty_score(self, probabilities: np.ndarray, latent: np.ndarray) -> np.ndarray:
-        """Per-cell novelty score from the class probabilities and the latent position.
-
-        The default is ``1 - max probability``; models may override it with a score that
-        better separates cell types the reference never saw. Higher means more novel.
-        """
-        return 1.0 - probabilities.max(axis=1)
-
     def annotation_table(
         self,
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         novelty_threshold: float | None = None,
+        majority_voting: bool = False,
     ) -> pd.DataFrame:
         """Prediction, confidence, novelty score and novelty flag of each cell.
 
@@ -184,27 +173,39 @@ class AnnotationMixin:
         batch_size
             Minibatch size.
         novelty_threshold
-            Cells whose novelty score exceeds it are flagged novel; defaults to the
-            threshold calibrated on held-out reference cells (``novelty_threshold_``).
+            Cells whose novelty score exceeds it are flagged novel. By default, the
+            threshold calibrated on held-out reference cells (``novelty_threshold_``),
+            raised for each batch of at least 50 cells by the shift of its bulk from
+            those cells: a query from another technology scores higher as a whole, and
+            the flag is for types the reference lacks, not for another batch.
+        majority_voting
+            Also over-cluster these cells' latent space (Leiden on its neighbour graph,
+            through scanpy) and give each cluster its most frequent prediction, as
+            CellTypist does: columns ``over_clustering`` and ``majority_voting``.
 
         Returns
         -------
         DataFrame indexed by ``obs_names`` with columns ``prediction``, ``confidence``
-        (the highest class probability), ``novelty`` and ``novel``.
+        (the highest class probability, temperature-calibrated), ``novelty`` (the score
+        of ``novelty_method_``, see :meth:`calibrate_novelty`) and ``novel``, then the
+        majority-voting columns when asked for.
         """
-        table, _ = self._annotation_outputs(adata, indices, batch_size, novelty_threshold)
+        table, _ = self._annotation_outputs(
+            adata, indices, batch_size, novelty_threshold, majority_voting
+        )
         return table
 
-    def _annotation_outputs(self, adata, indices, batch_size, novelty_threshold):
+    def _annotation_outputs(
+        self, adata, indices, batch_size, novelty_threshold, majority_voting=False
+    ):
         self._check_if_trained(warn=True)
         with self._model_data(adata) as data:
-            out = self._collect(
-                data, indices, batch_size, {"p": self._probabilities, "z": self.module.embed}
-            )
+            out = self._scoring_outputs(data, indices, batch_size)
             names = _obs_names(data, indices)
-        probs, latent = out["p"], out["z"]
-        novelty = self.novelty_score(probs, latent)
-        threshold = self._resolve_threshold(novelty_threshold)
+        probs = softmax(out["logits"] / self.temperature_, axis=1)
+        latent = out["z"]
+        novelty = self.novelty_score(out["logits"], latent)
+        threshold = self._novelty_thresholds(novelty, out["batch"], novelty_threshold)
         table = pd.DataFrame(
             {
                 "prediction": pd.Categorical(
@@ -217,6 +218,11 @@ class AnnotationMixin:
             },
             index=names,
         )
+        if majority_voting:
+            clusters = over_cluster(latent)
+            voted = majority_vote(table["prediction"].astype(str).to_numpy(), clusters)
+            table["over_clustering"] = pd.Categorical(clusters)
+            table["majority_voting"] = pd.Categorical(voted, categories=self.cell_types)
         return table, latent
 
     def annotate(
@@ -226,12 +232,15 @@ class AnnotationMixin:
         overwrite: bool = False,
         novelty_threshold: float | None = None,
         batch_size: int | None = None,
+        majority_voting: bool = False,
     ) -> pd.DataFrame:
         """Write predictions, confidence, novelty and the latent space into ``adata``.
 
         Writes ``obs[key]`` (predicted cell type), ``obs[key + "_confidence"]``,
         ``obs[key + "_novelty"]`` (score), ``obs[key + "_novel"]`` (bool) and
-        ``obsm["X_" + key]``. Nothing else in ``adata`` changes.
+        ``obsm["X_" + key]``; with ``majority_voting``, also
+        ``obs[key + "_over_clustering"]`` and ``obs[key + "_majority_voting"]``. Nothing
+        else in ``adata`` changes.
 
         Parameters
         ----------
@@ -247,6 +256,8 @@ class AnnotationMixin:
             Overrides the calibrated threshold.
         batch_size
             Minibatch size.
+        majority_voting
+            Refine the labels by clusters, as in :meth:`annotation_table`.
 
         Returns
         -------
@@ -255,6 +266,8 @@ class AnnotationMixin:
         target = self.adata if adata is None else adata
         key = key_added or type(self).__name__.lower()
         obs_keys = [key, f"{key}_confidence", f"{key}_novelty", f"{key}_novel"]
+        if majority_voting:
+            obs_keys += [f"{key}_over_clustering", f"{key}_majority_voting"]
         obsm_key = f"X_{key}"
         existing = [k for k in obs_keys if k in target.obs.columns]
         existing += [obsm_key] if obsm_key in target.obsm else []
@@ -262,7 +275,9 @@ class AnnotationMixin:
             raise ValueError(
                 f"annotate() would overwrite {existing}; pass overwrite=True or another key_added."
             )
-        table, latent = self._annotation_outputs(adata, None, batch_size, novelty_threshold)
+        table, latent = self._annotation_outputs(
+            adata, None, batch_size, novelty_threshold, majority_voting
+        )
         if len(table) != target.n_obs:
             raise ValueError("Internal error: prediction count does not match the cells.")
         for column, values in zip(obs_keys, table.columns, strict=True):
@@ -270,55 +285,6 @@ class AnnotationMixin:
         target.obs[key] = pd.Categorical(table["prediction"].to_numpy(), self.cell_types)
         target.obsm[obsm_key] = latent
         return table
-
-    # -- novelty threshold ----------------------------------------------------------------
-    def _resolve_threshold(self, novelty_threshold: float | None) -> float:
-        if novelty_threshold is not None:
-            return float(novelty_threshold)
-        if self.novelty_threshold_ is None:
-            warnings.warn(
-                "No calibrated novelty threshold (train the model, or call "
-                "calibrate_novelty()); using 0.5.",
-                UserWarning,
-                stacklevel=3,
-            )
-            return 0.5
-        return float(self.novelty_threshold_)
-
-    def calibrate_novelty(
-        self, quantile: float = DEFAULT_NOVELTY_QUANTILE, batch_size: int | None = None
-    ) -> float:
-        """Set the novelty threshold to a quantile of held-out reference cells' scores.
-
-        With the default 0.95, about 5 % of cells of known types are flagged novel. The
-        held-out cells are the labelled validation cells of the last ``train()``; without
-        them the labelled training cells are used (an optimistic threshold), with a warning.
-
-        Returns
-        -------
-        The threshold, also stored as ``novelty_threshold_``.
-        """
-        if not 0.0 < quantile < 1.0:
-            raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
-        labelled = self._label_codes() < len(self.cell_types)
-        held_out = getattr(self, "validation_indices", None)
-        candidates = np.asarray(held_out, dtype=int) if held_out is not None else np.array([], int)
-        candidates = candidates[labelled[candidates]] if len(candidates) else candidates
-        if len(candidates) < 10:
-            warnings.warn(
-                "Fewer than 10 held-out labelled reference cells; calibrating the novelty "
-                "threshold on labelled training cells, which makes it optimistic.",
-                UserWarning,
-                stacklevel=2,
-            )
-            candidates = np.flatnonzero(labelled)
-        if len(candidates) == 0:
-            raise ValueError("No labelled reference cell to calibrate the novelty threshold.")
-        table = self.annotation_table(
-            indices=candidates, batch_size=batch_size, novelty_threshold=np.inf
-        )
-        self.novelty_threshold_ = float(np.quantile(table["novelty"].to_numpy(), quantile))
-        return self.novelty_threshold_
 
     # -- cell-type representations ------------------------------------------------------
     def get_cell_type_representations(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from functools import partial
 
@@ -11,6 +12,7 @@ from scvi import REGISTRY_KEYS
 from scvi.model.base import ArchesMixin, BaseModelClass
 from scvi.model.base._save_load import _load_saved_files
 
+from ._confidence import CALIBRATION_ATTRIBUTES
 from ._data import Registration, build_model_data
 
 
@@ -63,11 +65,13 @@ class QueryMixin(ArchesMixin):
                 str(reference), load_adata=False, map_location="cpu"
             )
             registry, input_kind = attr_dict["registry_"], attr_dict["input_kind_"]
+            calibration = {k: attr_dict[k] for k in CALIBRATION_ATTRIBUTES if k in attr_dict}
             reference = str(reference)
         elif isinstance(reference, cls):
             if not reference.is_trained_:
                 raise ValueError("The reference model is not trained; call train() first.")
             registry, input_kind = reference.registry_, reference.input_kind_
+            calibration = {k: getattr(reference, k) for k in CALIBRATION_ATTRIBUTES}
         else:
             raise TypeError(
                 f"reference must be a {cls.__name__} or the path of a saved one, got "
@@ -91,7 +95,10 @@ class QueryMixin(ArchesMixin):
         model.module.freeze_for_query(unfrozen=unfrozen)
         batch_field = registry["field_registries"][REGISTRY_KEYS.BATCH_KEY]
         model._after_query_surgery(int(batch_field["summary_stats"]["n_batch"]))
-        # The reference's weights already give usable predictions on the query.
+        # The reference's weights already give usable predictions on the query, with its
+        # calibrated confidence and novelty threshold (a query without labels keeps them).
+        for name, value in calibration.items():
+            setattr(model, name, copy.deepcopy(value))
         model.is_trained_ = True
         model.min_gene_overlap_ = min_gene_overlap
         model.is_query_model_ = True

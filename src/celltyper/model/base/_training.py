@@ -254,6 +254,7 @@ class TrainingMixin:
             )
         # A query fine-tuned without labelled cells keeps the reference's threshold.
         if self.is_trained_ and self.n_labels and self._n_labelled_cells() > 0:
+            self.calibrate_confidence()
             self.calibrate_novelty()
 
     def _route_train_kwargs(
