@@ -14,6 +14,7 @@ from ._centering import BatchCenteringMixin
 from ._data import Registration, build_model_data
 from ._fields import FieldFactory
 from ._model import CellTyperModel
+from ._persistence import PersistenceMixin, convert_legacy_model
 from ._query import QueryMixin
 from ._training import TrainingMixin, TrainingStage, plan_parameters
 
@@ -23,6 +24,7 @@ __all__ = [
     "CellTyperModel",
     "FieldFactory",
     "GeneOverlap",
+    "PersistenceMixin",
     "QueryMixin",
     "Registration",
     "TrainingMixin",
@@ -31,6 +33,7 @@ __all__ = [
     "build_model_data",
     "check_labels",
     "check_matrix_values",
+    "convert_legacy_model",
     "gene_identifier_type",
     "plan_parameters",
     "seeded",

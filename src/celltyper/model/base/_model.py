@@ -27,6 +27,7 @@ from ._annotation import AnnotationMixin
 from ._data import split_modality
 from ._fields import FieldFactory
 from ._interpret import InterpretMixin
+from ._persistence import PersistenceMixin
 from ._query import QueryMixin
 from ._training import TrainingMixin
 
@@ -36,7 +37,9 @@ logger = logging.getLogger(__name__)
 _REGISTRATION_KEYWORDS = ("source_registry", "extend_categories", "allow_missing_labels")
 
 
-class CellTyperModel(TrainingMixin, InterpretMixin, AnnotationMixin, QueryMixin, BaseModelClass):
+class CellTyperModel(
+    PersistenceMixin, TrainingMixin, InterpretMixin, AnnotationMixin, QueryMixin, BaseModelClass
+):
     """Base class of celltyper's models.
 
     A subclass sets the class attributes below and builds its module in ``__init__``

@@ -10,10 +10,10 @@ from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.model.base import ArchesMixin, BaseModelClass
-from scvi.model.base._save_load import _load_saved_files
 
 from ._confidence import CALIBRATION_ATTRIBUTES
 from ._data import Registration, build_model_data
+from ._persistence import safe_load_saved_files, safe_scvi_loading
 
 
 class QueryMixin(ArchesMixin):
@@ -61,7 +61,7 @@ class QueryMixin(ArchesMixin):
         A model of this class on the query.
         """
         if isinstance(reference, str | os.PathLike):
-            attr_dict, _, _, _ = _load_saved_files(
+            attr_dict, _, _, _ = safe_load_saved_files(
                 str(reference), load_adata=False, map_location="cpu"
             )
             registry, input_kind = attr_dict["registry_"], attr_dict["input_kind_"]
@@ -89,9 +89,10 @@ class QueryMixin(ArchesMixin):
                 cls._extra_obs_columns, registry, keep_new_batches=True, what="query"
             ),
         )
-        model = super().load_query_data(
-            internal, reference, accelerator=accelerator, device=device, unfrozen=True
-        )
+        with safe_scvi_loading():
+            model = super().load_query_data(
+                internal, reference, accelerator=accelerator, device=device, unfrozen=True
+            )
         model.module.freeze_for_query(unfrozen=unfrozen)
         batch_field = registry["field_registries"][REGISTRY_KEYS.BATCH_KEY]
         model._after_query_surgery(int(batch_field["summary_stats"]["n_batch"]))
