@@ -301,3 +301,34 @@ def test_version(capsys):
 
 def test_model_names_are_case_insensitive():
     assert cli.resolve_model("SCNYM") is cli.resolve_model("scnym") is celltyper.model.SCNYM
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_training_exits_non_zero_with_one_line_and_no_files(tmp_path, how):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parts = _write_pair(tmp_path)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-u", "-c", "import sys; from celltyper.cli import main; sys.exit(main())",
+        "annotate", "--reference", str(parts["reference"][0]), "--query",
+        str(parts["query"][0]), "--model", "scatlasvae", "--max-epochs", "3000",
+        "--output", str(out),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    for line in process.stdout:
+        if line.startswith("Training"):
+            break
+    time.sleep(3)  # inside the epochs
+    process.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == (143 if how == "SIGTERM" else 130), err
+    name = "SIGTERM" if how == "SIGTERM" else "Ctrl+C"
+    assert err.strip().splitlines()[-1].endswith(f"stopped by {name}; the run did not finish.")
+    assert "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir()), "an unfinished run wrote files"

@@ -465,6 +465,43 @@ def test_diverged_training_stops_with_a_clear_error(model_cls, raw_data):
     assert not model.is_trained_
 
 
+class _InterruptAfter(pl.Callback):
+    """Presses Ctrl+C at the end of an epoch of a given stage (0: the first)."""
+
+    def __init__(self, stage: int, epoch: int):
+        self.stage, self.epoch, self.started = stage, epoch, -1
+
+    def on_train_start(self, trainer, pl_module):
+        self.started += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.started == self.stage and trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_training_leaves_a_usable_model(model_cls, raw_data):
+    import signal
+
+    adata = raw_data.copy()
+    model_cls.setup_anndata(adata, **_setup_kwargs())
+    model = model_cls(adata, **tiny_kwargs(model_cls))
+    handler = signal.getsignal(signal.SIGINT)
+    last_stage = len(model._training_stages(dict(model._train_options))) - 1
+    with pytest.warns(UserWarning, match=r"Training interrupted \(KeyboardInterrupt\).*usable"):
+        model.train(
+            **train_kwargs(model_cls, max_epochs=4), callbacks=[_InterruptAfter(last_stage, 1)]
+        )
+    assert signal.getsignal(signal.SIGINT) is handler, "Ctrl+C must work again after"
+    assert model.training_interrupted_ and model.is_trained_
+    soft = model.predict(soft=True).to_numpy()
+    assert np.isfinite(soft).all()
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+    assert model.novelty_threshold_ is not None
+    # The next train() runs to the end.
+    model.train(**train_kwargs(model_cls, max_epochs=1))
+    assert not model.training_interrupted_
+
+
 def test_history_holds_train_and_validation_loss(trained):
     model, _ = trained
     history = model.history

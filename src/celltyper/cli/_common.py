@@ -25,6 +25,10 @@ class CliError(Exception):
     """A problem with the command-line arguments or input files; exits with code 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program was, so it stops like Ctrl+C (exit code 143)."""
+
+
 @dataclass
 class Inputs:
     """Reference and query data of one ``celltyper annotate`` run.

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
-from ._common import DEFAULT_LABELS_KEY, DEFAULT_OUTPUT, DEMO_BATCH_KEY, CliError
+from ._common import DEFAULT_LABELS_KEY, DEFAULT_OUTPUT, DEMO_BATCH_KEY, CliError, Terminated
 from ._run import annotate_command, available_models
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM stop the command where it is; returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _positive_int(value: str) -> int:
@@ -129,15 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     -------
     The exit code (0 on success). Bad arguments or inputs exit with code 2 through
     :class:`SystemExit`, with a message, as argparse does; a diverged training returns 1
-    with the model's advice.
+    with the model's advice; Ctrl+C returns 130 and SIGTERM 143, each with one line.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = args.command_parser.prog
+    previous = _stop_on_sigterm()
     try:
         return args.handler(args)
     except CliError as err:
         args.command_parser.error(str(err))
     except FloatingPointError as err:
-        print(f"{args.command_parser.prog}: training failed: {err}", file=sys.stderr)
+        print(f"{prog}: training failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl+C", 130)
+        print(f"{prog}: stopped by {name}; the run did not finish.", file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 2  # not reached: error() exits

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import anndata
 import numpy as np
 import pandas as pd
 
-from ._common import ROLE_KEY, TRAIN_LABELS_KEY, CliError, Inputs, say
+from ._common import ROLE_KEY, TRAIN_LABELS_KEY, CliError, Inputs, Terminated, say
 from ._inputs import build_training_data, load_inputs
 from ._outputs import score_predictions, write_outputs
 
@@ -120,13 +121,19 @@ def run_annotation(
     except (ValueError, KeyError) as err:
         raise _setup_error(cls, err, inputs) from err
     # None reaches train() as None: the model's default, whatever it is.
-    fitted.train(
-        max_epochs=max_epochs,
-        batch_size=batch_size,
-        early_stopping=early_stopping,
-        accelerator=accelerator,
-        seed=seed,
-    )
+    with warnings.catch_warnings():
+        # The command's own one-line message reports an interruption.
+        warnings.filterwarnings("ignore", message="Training interrupted")
+        fitted.train(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            accelerator=accelerator,
+            seed=seed,
+        )
+    if fitted.training_interrupted_:
+        # train() keeps a usable model; a command must not report an unfinished run.
+        raise Terminated() if "SIGTERM" in fitted._interruption else KeyboardInterrupt()
     say("", f"training finished in {time.perf_counter() - start:.1f} s")
 
     say("Predicting", f"{inputs.query.n_obs:,} query cells")

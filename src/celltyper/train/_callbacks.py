@@ -37,3 +37,7 @@ class RestoreBestWeights(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         if self._best_state is not None:
             pl_module.module.load_state_dict(self._best_state)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception):
+        # An interrupted fit (Ctrl+C, SIGTERM) keeps the best weights seen so far.
+        self.on_train_end(trainer, pl_module)

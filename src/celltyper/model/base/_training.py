@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import signal
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import scvi.train
+from lightning.pytorch.trainer.states import TrainerStatus
 from scvi.model._utils import get_max_epochs_heuristic
 from scvi.train import TrainRunner
 
@@ -151,6 +153,9 @@ class TrainingMixin:
         "early_stopping": True,
     }
     _train_options: ClassVar[dict[str, Any]] = {}
+    #: Whether the last ``train()`` was stopped by Ctrl+C or SIGTERM (its model kept the
+    #: best weights seen, with a warning).
+    training_interrupted_: bool = False
 
     # -- hooks a model overrides ---------------------------------------------------------------
     def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:
@@ -239,7 +244,10 @@ class TrainingMixin:
             restore_best_weights = self._train_defaults.get("restore_best_weights", True)
         # Every stage's epochs are checked before the first stage trains.
         epochs = [self._stage_epochs(stage, max_epochs, options) for stage in stages]
+        self.training_interrupted_ = False
         for stage, stage_epochs in zip(stages, epochs, strict=True):
+            if self.training_interrupted_:
+                break
             self._run_stage(
                 stage,
                 max_epochs=stage_epochs,
@@ -256,6 +264,8 @@ class TrainingMixin:
         if self.is_trained_ and self.n_labels and self._n_labelled_cells() > 0:
             self.calibrate_confidence()
             self.calibrate_novelty()
+        if self.training_interrupted_:
+            self._warn_interrupted()
 
     def _route_train_kwargs(
         self,
@@ -396,10 +406,54 @@ class TrainingMixin:
             callbacks=callbacks,
             **trainer_kwargs,
         )
-        with seeded(shared["seed"]):
-            runner()
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            with seeded(shared["seed"]):
+                runner()
+        except (KeyboardInterrupt, SystemExit) as interrupt:
+            # Lightning turns Ctrl+C into SystemExit(1) (SIGTERM: SIGTERMException).
+            if runner.trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            self._keep_interrupted_fit(stage, runner, max_epochs, interrupt)
+        finally:
+            # Lightning leaves Ctrl+C ignored after an interruption.
+            signal.signal(signal.SIGINT, sigint)
         if stage.keep_history_as:
             setattr(self, stage.keep_history_as, self.history_)
+
+    def _keep_interrupted_fit(
+        self, stage: TrainingStage, runner: TrainRunner, max_epochs: int, interrupt
+    ) -> None:
+        """After Ctrl+C or SIGTERM: keep what the stage learnt, say so, train no further."""
+        self.training_interrupted_ = True
+        epochs_done = int(runner.trainer.current_epoch)
+        self.is_trained_ = epochs_done > 0
+        splitter = runner.data_splitter
+        for name in ("train", "validation", "test"):
+            indices = getattr(splitter, f"{'val' if name == 'validation' else name}_idx", None)
+            if indices is not None:
+                setattr(self, f"{name}_indices_", indices)
+        # Lightning raises SystemExit while handling the KeyboardInterrupt (its context).
+        causes = (type(interrupt).__name__, type(interrupt.__context__).__name__)
+        kind = (
+            "SIGTERM"
+            if any("SIGTERM" in n or "Terminated" in n for n in causes)
+            else ("KeyboardInterrupt")
+        )
+        restored = any(isinstance(c, RestoreBestWeights) for c in runner.trainer.callbacks)
+        kept = "the best weights seen so far" if restored else "the weights of the last step"
+        self._interruption = (
+            f"Training interrupted ({kind}) in stage {stage.name!r} after {epochs_done} of "
+            f"{max_epochs} epochs; later stages did not run. The model keeps {kept}"
+        )
+
+    def _warn_interrupted(self) -> None:
+        state = (
+            "and is usable. Call train() again to train further."
+            if self.is_trained_
+            else "but is not trained: call train() again."
+        )
+        warnings.warn(f"{self._interruption} {state}", UserWarning, stacklevel=3)
 
     def _start_fresh_history(self) -> None:
         """Forget the curves of the previous fit before a stage.
