@@ -177,6 +177,25 @@ def test_missing_file_is_a_usage_error(tmp_path, monkeypatch, capsys):
     assert "absent.h5ad" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_h5ad", "empty"])
+def test_unreadable_file_is_a_one_line_usage_error(tmp_path, monkeypatch, capsys, damage):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    reference = parts["reference"][0]
+    if damage == "truncated":
+        reference.write_bytes(reference.read_bytes()[:2000])
+    elif damage == "not_h5ad":
+        reference.write_text("cell,gene\nc1,3\n")
+    else:
+        reference.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotate", "--reference", str(reference), "--query", str(parts["query"][0])])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "reference.h5ad" in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
 def test_unknown_model_lists_the_choices(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     parts = _write_pair(tmp_path)

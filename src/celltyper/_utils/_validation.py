@@ -96,6 +96,13 @@ def check_labels(
     Returns the labelled classes.
     """
     labels = obs[labels_key]
+    values = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else labels
+    if pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype):
+        # scvi-tools matches labels to categories as strings; numbers fail deep inside it.
+        raise TypeError(
+            f"{what}.obs[{labels_key!r}] holds {values.dtype} values; cell types must be "
+            f"strings, e.g. adata.obs[{labels_key!r}] = adata.obs[{labels_key!r}].astype(str)."
+        )
     n_missing = int(labels.isna().sum())
     if n_missing:
         raise ValueError(
