@@ -502,6 +502,45 @@ def test_interrupted_training_leaves_a_usable_model(model_cls, raw_data):
     assert not model.training_interrupted_
 
 
+class _FirstEpochs(pl.Callback):
+    """Records the epoch every stage a train() call runs starts at."""
+
+    def __init__(self):
+        self.first: list[int] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.first.append(trainer.current_epoch)
+
+
+def test_checkpoints_resume_the_epoch_count_and_optimizer(model_cls, raw_data, tmp_path):
+    adata = raw_data.copy()
+    model_cls.setup_anndata(adata, **_setup_kwargs())
+    model = model_cls(adata, **tiny_kwargs(model_cls))
+    last_stage = model._training_stages(dict(model._train_options))[-1].name
+    kwargs = train_kwargs(model_cls, max_epochs=4)
+    model.train(**kwargs, checkpoint_dir=tmp_path, callbacks=[_InterruptAfter(99, 1)])
+    checkpoint = tmp_path / last_stage / "last.ckpt"
+    assert checkpoint.exists()
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["epoch"] == 3 and saved["optimizer_states"]
+    # An interrupted run resumes where its last checkpoint left off.
+    interrupted = tmp_path / "interrupted"
+    first = model_cls(adata, **tiny_kwargs(model_cls))
+    n_stages = len(first._training_stages(dict(first._train_options)))
+    with pytest.warns(UserWarning, match="Training interrupted"):
+        first.train(
+            **kwargs, checkpoint_dir=interrupted, callbacks=[_InterruptAfter(n_stages - 1, 1)]
+        )
+    resumed = model_cls(adata, **tiny_kwargs(model_cls))
+    recorder = _FirstEpochs()
+    resumed.train(**kwargs, resume_from=interrupted, callbacks=[recorder])
+    # Interrupted at the end of epoch 1, before its checkpoint: epoch 0 was the last saved.
+    assert recorder.first == [1], "training must continue after the checkpointed epochs"
+    assert resumed.is_trained_ and not resumed.training_interrupted_
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        resumed.train(**kwargs, resume_from=tmp_path / "absent")
+
+
 def test_history_holds_train_and_validation_loss(trained):
     model, _ = trained
     history = model.history

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import warnings
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import scvi.train
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerStatus
 from scvi.model._utils import get_max_epochs_heuristic
 from scvi.train import TrainRunner
@@ -130,6 +132,57 @@ def trainer_parameters() -> set[str]:
     return (names | {"ckpt_path", "callbacks"}) - {"self", "max_epochs"}
 
 
+class StageCheckpoint(scvi.train.SaveCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (weights, optimizer state, epoch) every N epochs.
+
+    It is an scvi-tools ``SaveCheckpoint`` in type only: scvi-tools then adds no
+    checkpoint of its own (which would save whole models under ``scvi_log/``); every
+    behaviour is Lightning's.
+    """
+
+    def __init__(self, dirpath: str, every_n_epochs: int):
+        ModelCheckpoint.__init__(
+            self,
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=1,
+            every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=True,
+        )
+        self.load_best_on_end = False
+
+
+for _name in [k for k in vars(scvi.train.SaveCheckpoint) if not k.startswith("__")]:
+    if hasattr(ModelCheckpoint, _name):
+        setattr(StageCheckpoint, _name, getattr(ModelCheckpoint, _name))
+    else:  # scvi-tools' own hooks (NaN checks, logging) do nothing here
+        setattr(StageCheckpoint, _name, lambda self, *args, **kwargs: None)
+
+
+def _stage_checkpoint(directory, stage: TrainingStage, every: int) -> pl.Callback:
+    """A checkpoint of ``stage`` every ``every`` epochs (``<directory>/<stage>/last.ckpt``)."""
+    return StageCheckpoint(os.path.join(os.fspath(directory), stage.name), every)
+
+
+def _resume_points(stages: list[TrainingStage], resume_from) -> dict[int, str]:
+    """``{stage index: checkpoint}`` for the last stage checkpointed in ``resume_from``."""
+    if resume_from is None:
+        return {}
+    found = {
+        i: path
+        for i, stage in enumerate(stages)
+        if os.path.exists(path := os.path.join(os.fspath(resume_from), stage.name, "last.ckpt"))
+    }
+    if not found:
+        names = [s.name for s in stages]
+        raise ValueError(
+            f"resume_from={os.fspath(resume_from)!r} holds no checkpoint of this model's "
+            f"stages {names} (expected <stage>/last.ckpt, written by checkpoint_dir)."
+        )
+    last = max(found)
+    return {last: found[last]}
+
+
 class TrainingMixin:
     """``train()`` for every celltyper model, with scvi-tools' conventions.
 
@@ -185,9 +238,12 @@ class TrainingMixin:
         seed: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         datasplitter_kwargs: dict[str, Any] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        resume_from: str | os.PathLike | None = None,
         **kwargs,
     ) -> None:
-        """Train the model, then calibrate its novelty threshold.
+        """Train the model, then calibrate its confidence and novelty threshold.
 
         Every celltyper model trains through this method. A model that trains in stages
         (see its docstring) runs each stage through scvi-tools' ``TrainRunner`` in turn.
@@ -221,6 +277,17 @@ class TrainingMixin:
             hyperparameters, e.g. ``lr``); each stage takes those its plan accepts.
         datasplitter_kwargs
             Keywords of the data splitter (e.g. ``balance_classes``).
+        checkpoint_dir
+            Save a Lightning checkpoint (weights, optimizer, epoch) every
+            ``checkpoint_every`` epochs, as ``<checkpoint_dir>/<stage>/last.ckpt``.
+        checkpoint_every
+            Epochs between checkpoints.
+        resume_from
+            A ``checkpoint_dir`` of an earlier, unfinished ``train()`` of a model built the
+            same way: training continues from the last stage checkpointed there, at its
+            epoch, with its optimizer state (the stages before it are not run again; their
+            weights are in the checkpoint). Checkpoints are pickles: resume only from
+            your own.
         **kwargs
             The model's own training options (see its docstring), hyperparameters
             accepted by ``plan_kwargs`` or settings of ``datasplitter_kwargs`` given by
@@ -244,10 +311,23 @@ class TrainingMixin:
             restore_best_weights = self._train_defaults.get("restore_best_weights", True)
         # Every stage's epochs are checked before the first stage trains.
         epochs = [self._stage_epochs(stage, max_epochs, options) for stage in stages]
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+        resume = _resume_points(stages, resume_from)
         self.training_interrupted_ = False
-        for stage, stage_epochs in zip(stages, epochs, strict=True):
+        for index, (stage, stage_epochs) in enumerate(zip(stages, epochs, strict=True)):
             if self.training_interrupted_:
                 break
+            if resume and index < min(resume):
+                continue  # its weights are in the later stage's checkpoint
+            stage_trainer_kwargs = dict(trainer_kwargs)
+            if checkpoint_dir is not None:
+                stage_trainer_kwargs["callbacks"] = [
+                    *(trainer_kwargs.get("callbacks") or []),
+                    _stage_checkpoint(checkpoint_dir, stage, checkpoint_every),
+                ]
+            if index in resume:
+                stage_trainer_kwargs["ckpt_path"] = resume[index]
             self._run_stage(
                 stage,
                 max_epochs=stage_epochs,
@@ -258,7 +338,7 @@ class TrainingMixin:
                 devices=devices,
                 early_stopping=early_stopping,
                 restore_best_weights=restore_best_weights,
-                trainer_kwargs=trainer_kwargs,
+                trainer_kwargs=stage_trainer_kwargs,
             )
         # A query fine-tuned without labelled cells keeps the reference's threshold.
         if self.is_trained_ and self.n_labels and self._n_labelled_cells() > 0:
