@@ -153,6 +153,22 @@ def test_annotation_table(trained):
     assert not model.annotation_table(novelty_threshold=np.inf)["novel"].any()
 
 
+@pytest.mark.parametrize("method", ["max_probability", "energy", "knn_distance", "mahalanobis"])
+def test_every_novelty_method_scores_and_flags(trained, method):
+    model, _ = trained
+    default = model.novelty_method_
+    try:
+        threshold = model.calibrate_novelty(method=method)
+        table = model.annotation_table()
+        assert np.isfinite(table["novelty"]).all() and np.isfinite(threshold)
+        assert table["novel"].mean() < 0.5
+        assert (table["novelty"][table["novel"]] > threshold).all()
+    finally:
+        model.calibrate_novelty(method=default)
+    with pytest.raises(ValueError, match="method must be one of"):
+        model.calibrate_novelty(method="bogus")
+
+
 def test_majority_voting_adds_cluster_columns(trained, raw_data):
     model, _ = trained
     table = model.annotation_table(majority_voting=True)
