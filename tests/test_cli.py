@@ -351,3 +351,22 @@ def test_a_signal_mid_training_exits_non_zero_with_one_line_and_no_files(tmp_pat
     assert err.strip().splitlines()[-1].endswith(f"stopped by {name}; the run did not finish.")
     assert "Traceback" not in err
     assert not out.exists() or not any(out.iterdir()), "an unfinished run wrote files"
+
+
+def test_help_and_version_do_not_import_the_stack():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom celltyper.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['annotate', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('LOADED', [m for m in ('torch', 'scvi', 'lightning', 'anndata') "
+        "if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "LOADED []" in done.stdout, done.stdout + done.stderr
+
+
+def test_model_names_match_the_models():
+    assert list(cli.MODEL_NAMES) == [name.lower() for name in celltyper.model.__all__]

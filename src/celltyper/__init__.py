@@ -1,8 +1,7 @@
 """celltyper: cell-type annotation and cell representation methods as scvi-tools models."""
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
-
-from . import data, datasets, metrics, model, module, nn, pl, pp, tl, train
 
 try:
     __version__ = version("celltyper")
@@ -22,3 +21,16 @@ __all__ = [
     "tl",
     "train",
 ]
+
+_SUBMODULES = frozenset(__all__) - {"__version__"}
+
+
+def __getattr__(name: str):
+    # Submodules load on first use: `celltyper --help` must not import torch and scvi-tools.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES)

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
 
 @contextmanager
@@ -16,6 +15,8 @@ def seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
+    import torch  # here, so that importing the helpers does not load torch
+
     # The legacy global numpy state is what third-party code (scanpy, sklearn) draws from.
     py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     with torch.random.fork_rng(devices=[]):

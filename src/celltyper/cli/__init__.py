@@ -12,26 +12,47 @@ The steps are small functions that can be called on their own: :func:`load_input
 :func:`build_parser` (``_parser``) are the command itself.
 """
 
+import importlib
+
 from ._common import (
     DEFAULT_LABELS_KEY,
     DEFAULT_OUTPUT,
     DEMO_BATCH_KEY,
     LOW_GENE_OVERLAP,
+    MODEL_NAMES,
     ROLE_KEY,
     TRAIN_LABELS_KEY,
     CliError,
     Inputs,
 )
-from ._inputs import build_training_data, load_inputs, shared_genes
-from ._outputs import score_predictions, write_outputs
 from ._parser import build_parser, main
-from ._run import annotate_command, available_models, resolve_model, run_annotation
+
+#: The steps, imported on first use: `celltyper --help` needs none of them.
+_LAZY = {
+    "build_training_data": "_inputs",
+    "load_inputs": "_inputs",
+    "shared_genes": "_inputs",
+    "score_predictions": "_outputs",
+    "write_outputs": "_outputs",
+    "annotate_command": "_run",
+    "available_models": "_run",
+    "resolve_model": "_run",
+    "run_annotation": "_run",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_LABELS_KEY",
     "DEFAULT_OUTPUT",
     "DEMO_BATCH_KEY",
     "LOW_GENE_OVERLAP",
+    "MODEL_NAMES",
     "ROLE_KEY",
     "TRAIN_LABELS_KEY",
     "CliError",

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import anndata
-import pandas as pd
+if TYPE_CHECKING:  # the parser and --help must not wait for the data stack
+    import anndata
+    import pandas as pd
 
+#: The models of celltyper.model, by command-line name, without importing them (and
+#: torch): the parser and --help must answer at once. A test keeps this in step.
+MODEL_NAMES = ("cellular", "rankformer", "scatlasvae", "scnym", "scpretrain")
 #: Column of the training data telling reference from query cells.
 ROLE_KEY = "celltyper_role"
 #: Column of the training data holding the reference labels, query cells unlabelled.

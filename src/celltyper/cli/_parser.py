@@ -7,8 +7,21 @@ import signal
 import sys
 import threading
 
-from ._common import DEFAULT_LABELS_KEY, DEFAULT_OUTPUT, DEMO_BATCH_KEY, CliError, Terminated
-from ._run import annotate_command, available_models
+from ._common import (
+    DEFAULT_LABELS_KEY,
+    DEFAULT_OUTPUT,
+    DEMO_BATCH_KEY,
+    MODEL_NAMES,
+    CliError,
+    Terminated,
+)
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    # The data and model stack load only once a command runs.
+    from ._run import annotate_command
+
+    return annotate_command(args)
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -68,7 +81,7 @@ def _add_training_options(annotate: argparse.ArgumentParser) -> None:
         "--model",
         default="scnym",
         help="model of celltyper.model, case-insensitive (default: scnym; available: "
-        f"{', '.join(available_models())})",
+        f"{', '.join(MODEL_NAMES)})",
     )
     annotate.add_argument(
         "--max-epochs",
@@ -126,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(annotate)
     _add_training_options(annotate)
-    annotate.set_defaults(handler=annotate_command, command_parser=annotate)
+    annotate.set_defaults(handler=_annotate, command_parser=annotate)
     return parser
 
 
