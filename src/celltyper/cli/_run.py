@@ -10,7 +10,15 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from ._common import ROLE_KEY, TRAIN_LABELS_KEY, CliError, Inputs, Terminated, say
+from ._common import (
+    MODEL_NAMES,
+    ROLE_KEY,
+    TRAIN_LABELS_KEY,
+    CliError,
+    Inputs,
+    Terminated,
+    say,
+)
 from ._inputs import build_training_data, load_inputs
 from ._outputs import score_predictions, write_outputs
 
@@ -160,11 +168,14 @@ def annotate_command(args: argparse.Namespace) -> int:
     from celltyper import __version__
 
     start = time.perf_counter()
-    cls = resolve_model(args.model)
-    key = cls.__name__.lower()
+    if args.model.lower() not in MODEL_NAMES:
+        resolve_model(args.model)  # the error that lists the models
+    # Bad files are reported before the model stack (torch, scvi-tools) loads.
     inputs = load_inputs(
         args.reference, args.query, args.labels_key, args.batch_key, args.unlabeled_category
     )
+    cls = resolve_model(args.model)
+    key = cls.__name__.lower()
     training = build_training_data(inputs)
     fitted, table = run_annotation(
         inputs,
