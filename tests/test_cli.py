@@ -370,3 +370,20 @@ def test_help_and_version_do_not_import_the_stack():
 
 def test_model_names_match_the_models():
     assert list(cli.MODEL_NAMES) == [name.lower() for name in celltyper.model.__all__]
+
+
+def test_a_run_prints_no_third_party_noise(tmp_path):
+    import subprocess
+    import sys
+
+    parts = _write_pair(tmp_path)
+    command = [
+        sys.executable, "-c", "import sys; from celltyper.cli import main; sys.exit(main())",
+        "annotate", "--reference", str(parts["reference"][0]), "--query",
+        str(parts["query"][0]), "--model", "scnym", "--max-epochs", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    for noise in ("GPU available", "litlogger", "LeafSpec", "attempting to transfer AnnData"):
+        assert noise not in output, noise

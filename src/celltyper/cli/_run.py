@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import anndata
 import numpy as np
@@ -157,6 +160,36 @@ def run_annotation(
     return fitted, table
 
 
+#: Third-party lines that say nothing to a user of the command: Lightning's device and
+#: "Tip" banners, scvi-tools' setup-transfer notice, and deprecation notices of theirs.
+_QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "scvi")
+_QUIET_WARNINGS = (
+    r".*LeafSpec.*",
+    r"The number of training batches .* is smaller than the logging interval",
+    r"Found \d+ module\(s\) in eval mode",
+)
+
+
+@contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Silence other packages' informational output for the duration of a command.
+
+    Enter it once they are imported: Lightning and scvi-tools set their loggers' levels
+    when they load.
+    """
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        for pattern in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
 def annotate_command(args: argparse.Namespace) -> int:
     """Run ``celltyper annotate`` with parsed arguments; returns the exit code (0).
 
@@ -176,30 +209,31 @@ def annotate_command(args: argparse.Namespace) -> int:
     )
     cls = resolve_model(args.model)
     key = cls.__name__.lower()
-    training = build_training_data(inputs)
-    fitted, table = run_annotation(
-        inputs,
-        training,
-        model=key,
-        max_epochs=args.max_epochs,
-        seed=args.seed,
-        accelerator=args.accelerator,
-        batch_size=args.batch_size,
-        early_stopping=args.early_stopping,
-    )
-    scores = score_predictions(inputs, table, fitted.cell_types)
-    threshold = fitted.novelty_threshold_
-    provenance = {
-        "version": __version__,
-        "model": cls.__name__,
-        "data": inputs.description,
-        "labels_key": inputs.labels_key,
-        "batch_key": inputs.training_batch_key,
-        "seed": int(args.seed),
-        "n_genes": int(training.n_vars),
-        "novelty_threshold": np.nan if threshold is None else float(threshold),
-        **{f"score_{name}": float(value) for name, value in scores.items()},
-    }
-    write_outputs(inputs, table, args.output, key, extra_uns=provenance)
-    say("Done", f"in {time.perf_counter() - start:.1f} s")
+    with quiet_third_party():
+        training = build_training_data(inputs)
+        fitted, table = run_annotation(
+            inputs,
+            training,
+            model=key,
+            max_epochs=args.max_epochs,
+            seed=args.seed,
+            accelerator=args.accelerator,
+            batch_size=args.batch_size,
+            early_stopping=args.early_stopping,
+        )
+        scores = score_predictions(inputs, table, fitted.cell_types)
+        threshold = fitted.novelty_threshold_
+        provenance = {
+            "version": __version__,
+            "model": cls.__name__,
+            "data": inputs.description,
+            "labels_key": inputs.labels_key,
+            "batch_key": inputs.training_batch_key,
+            "seed": int(args.seed),
+            "n_genes": int(training.n_vars),
+            "novelty_threshold": np.nan if threshold is None else float(threshold),
+            **{f"score_{name}": float(value) for name, value in scores.items()},
+        }
+        write_outputs(inputs, table, args.output, key, extra_uns=provenance)
+        say("Done", f"in {time.perf_counter() - start:.1f} s")
     return 0
