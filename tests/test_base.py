@@ -373,7 +373,7 @@ def test_batch_centering_subtracts_each_batch_mean_and_survives_surgery(model_na
     means = model.module.batch_means.numpy().copy()
     np.testing.assert_allclose(means, np.stack([by_hand["b0"], by_hand["b1"]]), atol=1e-4)
     # The model's input: each batch centred on its own mean.
-    codes = adata.obs["batch"].cat.codes.to_numpy()
+    codes = np.array(adata.obs["batch"].cat.codes)
     tensors = {"X": torch.as_tensor(adata.X.toarray()), "batch": torch.as_tensor(codes[:, None])}
     x = model.module.log_expression(tensors).numpy()
     for code in (0, 1):

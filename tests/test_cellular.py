@@ -42,7 +42,7 @@ def test_supervised_soft_nn_loss_by_hand():
         -math.log(1 / (2 / E + 1)),  # cell 3: positive 2; candidates at -1, -1, 0
     ]
     loss = supervised_soft_nn_loss(z, labels, temperature=1.0)
-    assert float(loss) == pytest.approx(np.mean(per_anchor), rel=1e-5)
+    assert loss.item() == pytest.approx(np.mean(per_anchor), rel=1e-5)
 
     # Class weights 1 and 3, normalised to mean 1 over the four anchors: 0.5, 0.5, 1.5, 1.5.
     weighted = supervised_soft_nn_loss(z, labels, 1.0, class_weights=torch.tensor([1.0, 3.0]))
@@ -71,7 +71,7 @@ def test_supervised_soft_nn_loss_skips_anchors_without_positive():
     assert loss.item() == pytest.approx(-math.log(E / (E + 1)), rel=1e-5)
     # Nothing qualifies: zero, still differentiable.
     none = supervised_soft_nn_loss(z, torch.tensor([0, 1, 2]), 1.0)
-    assert float(none) == 0.0
+    assert none.detach().item() == 0.0
     none.backward()
 
 
@@ -84,7 +84,7 @@ def test_batch_mixing_loss_by_hand():
     # cell 2: r = 1 / 3 -> 0; cell 3: r = 1 / (2e + 1) < 1/3 -> 0 (hinge).
     expected = 2 * math.log(3 * E / (2 * E + 1)) / 4
     loss = batch_mixing_loss(z, labels, batches, temperature=1.0)
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
     # Batch weights 1 and 3 -> anchors weighted 0.5, 0.5, 1.5, 1.5.
     weighted = batch_mixing_loss(z, labels, batches, 1.0, batch_weights=torch.tensor([1.0, 3.0]))
@@ -94,7 +94,7 @@ def test_batch_mixing_loss_by_hand():
     same = batch_mixing_loss(torch.ones(4, 2), labels[:4], batches[:4], 1.0)
     assert float(same) == pytest.approx(0.0, abs=1e-6)
     # Only one batch per type: nothing qualifies.
-    assert float(batch_mixing_loss(z, labels, torch.zeros(6, dtype=torch.long))) == 0.0
+    assert batch_mixing_loss(z, labels, torch.zeros(6, dtype=torch.long)).item() == 0.0
 
 
 def test_centroid_distance_loss_by_hand():
@@ -104,14 +104,14 @@ def test_centroid_distance_loss_by_hand():
     target = torch.ones(4, 4) - torch.eye(4)
     target[3, :3] = target[:3, 3] = 100.0  # type 3 is absent: must not enter the loss
     loss = centroid_distance_loss(z, labels, target)
-    assert float(loss) == pytest.approx((0.4**2 + 0.2**2 + 0.0) / 3, rel=1e-5)
+    assert loss.item() == pytest.approx((0.4**2 + 0.2**2 + 0.0) / 3, rel=1e-5)
     loss.backward()
     assert torch.isfinite(z.grad).all()
     # Scale-free: a scaled embedding or target gives the same loss.
     scaled = centroid_distance_loss(z.detach() * 7, labels, target * 0.1)
-    assert float(scaled) == pytest.approx(float(loss), rel=1e-5)
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
     # One type only: zero.
-    assert float(centroid_distance_loss(z, torch.zeros(4, dtype=torch.long), target)) == 0.0
+    assert centroid_distance_loss(z, torch.zeros(4, dtype=torch.long), target).item() == 0.0
 
 
 def test_warmup_cosine_factor():
@@ -141,7 +141,7 @@ def untrained():
     tensors = {
         REGISTRY_KEYS.X_KEY: torch.tensor(adata.X.toarray()),
         REGISTRY_KEYS.LABELS_KEY: torch.tensor(labels).view(-1, 1),
-        REGISTRY_KEYS.BATCH_KEY: torch.tensor(adata.obs["batch"].cat.codes.to_numpy()).view(-1, 1),
+        REGISTRY_KEYS.BATCH_KEY: torch.tensor(np.array(adata.obs["batch"].cat.codes)).view(-1, 1),
     }
     return model.module, tensors
 
@@ -274,7 +274,7 @@ def test_contrastive_plan_clamps_temperature_and_validates_on_its_total(untraine
         with torch.no_grad():
             module.raw_temperature.fill_(5.0)
         plan.on_train_batch_end(None, tensors, 0)
-        assert float(module.raw_temperature) == 1.0
+        assert module.raw_temperature.item() == 1.0
     finally:
         with torch.no_grad():
             module.raw_temperature.copy_(original)
@@ -380,10 +380,10 @@ def trained_cellular():
 
 def test_temperature_stays_in_range(trained_cellular):
     model, _ = trained_cellular
-    assert 0.1 <= float(model.module.temperature) <= 1.0
-    assert 0.1 <= float(model.module.raw_temperature) <= 1.0
+    assert 0.1 <= model.module.temperature.item() <= 1.0
+    assert 0.1 <= model.module.raw_temperature.item() <= 1.0
     # It is learnt: it moved from its initial 0.25.
-    assert float(model.module.raw_temperature) != pytest.approx(0.25)
+    assert model.module.raw_temperature.item() != pytest.approx(0.25)
 
 
 def test_losses_fall_and_terms_are_logged(trained_cellular):
@@ -435,7 +435,7 @@ def test_pca_target_and_mean_total_buffers(trained_cellular):
     assert (distances[~np.eye(4, dtype=bool)] > 0).all()
     reference = (adata.obs["train_label"] != UNKNOWN).to_numpy()
     totals = np.asarray(adata.X[reference].sum(axis=1)).reshape(-1)
-    assert float(model.module.mean_total) == pytest.approx(totals.mean(), rel=1e-5)
+    assert model.module.mean_total.item() == pytest.approx(totals.mean(), rel=1e-5)
 
 
 def test_query_fine_tuning_leaves_encoder_unchanged(trained_cellular):

@@ -265,7 +265,7 @@ def test_plan_passes_ramped_weights_to_the_loss(small_model):
     torch.manual_seed(0)
     _, _, output = plan.forward(_minibatch(adata, model), loss_kwargs=scheduled)
     expected = _loss(model, adata, **scheduled)
-    assert float(output.loss) == pytest.approx(float(expected.loss), rel=1e-5)
+    assert output.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
 
 
 def test_pseudolabel_min_confidence_filters_unlabelled_cells(small_model):
