@@ -2,6 +2,7 @@
 
 from ._all_cells import AllCellsSplitter
 from ._demo import kang_pbmc
+from ._planted import PREVIOUS_LAYER, planted_state_changes
 from ._pseudo_labels import (
     DATASET_KEY,
     PSEUDO_LABELS_KEY,
@@ -13,21 +14,30 @@ from ._pseudo_labels import (
 from ._splitting import LabelledUnlabelledSplitter, balanced_resample, stratified_split
 from ._tokenize import (
     CLS_TOKEN,
+    CONTEXT_SEGMENT,
+    CURRENT_SEGMENT,
     MASK_TOKEN,
     N_SPECIAL_TOKENS,
     PAD_TOKEN,
     RankTokens,
+    join_paired_tokens,
     nonzero_gene_medians,
+    paired_rank_value_tokenize,
     rank_value_tokenize,
+    sep_token,
     tokenize_matrix,
+    tokenize_paired_matrices,
 )
 
 __all__ = [
     "CLS_TOKEN",
+    "CONTEXT_SEGMENT",
+    "CURRENT_SEGMENT",
     "DATASET_KEY",
     "MASK_TOKEN",
     "N_SPECIAL_TOKENS",
     "PAD_TOKEN",
+    "PREVIOUS_LAYER",
     "PSEUDO_LABELS_KEY",
     "AllCellsSplitter",
     "LabelledUnlabelledSplitter",
@@ -35,11 +45,16 @@ __all__ = [
     "RankTokens",
     "balanced_resample",
     "check_resolutions",
+    "join_paired_tokens",
     "kang_pbmc",
     "kmeans_pseudo_labels",
     "n_clusters_for",
     "nonzero_gene_medians",
+    "paired_rank_value_tokenize",
+    "planted_state_changes",
     "rank_value_tokenize",
+    "sep_token",
     "stratified_split",
     "tokenize_matrix",
+    "tokenize_paired_matrices",
 ]

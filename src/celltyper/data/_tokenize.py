@@ -25,6 +25,17 @@ MASK_TOKEN = 2
 N_SPECIAL_TOKENS = 3
 #: Total each cell is scaled to before the per-gene scaling (``normalize_total``).
 TOKENIZE_TARGET_SUM = 1e4
+#: Segment of CLS and the current profile's genes, and of SEP and the context's genes.
+CURRENT_SEGMENT, CONTEXT_SEGMENT = 0, 1
+
+
+def sep_token(n_genes: int) -> int:
+    """Id of the SEP token of paired tokens over ``n_genes`` genes: the id after the last gene.
+
+    Placing SEP after the genes keeps every gene's id the same in both modes, so base-mode
+    vocabularies (and saved base-mode models) are unchanged.
+    """
+    return N_SPECIAL_TOKENS + n_genes
 
 
 @dataclass
@@ -41,11 +52,16 @@ class RankTokens:
     bins
         ``(n_cells, 1 + length)`` value bins ``1 .. n_bins`` of the gene tokens (0 at CLS
         and padding), or ``None`` without value bins.
+    segments
+        Paired tokens only: ``CURRENT_SEGMENT`` (0) for CLS and the current profile's
+        positions, ``CONTEXT_SEGMENT`` (1) for SEP and the context's; ``None`` in the base
+        mode.
     """
 
     tokens: Tensor
     padding_mask: Tensor
     bins: Tensor | None = None
+    segments: Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -303,3 +319,120 @@ def tokenize_matrix(
         if n_bins:
             out.bins[index] = part.bins
     return out
+
+
+# -- paired tokens ----------------------------------------------------------------------------
+def join_paired_tokens(current: RankTokens, context: RankTokens, sep_id: int) -> RankTokens:
+    """One sequence from the tokens of the current and of the context profile.
+
+    The context's CLS becomes SEP; a cell whose context has no expressed gene (a missing
+    pair) gets padding there instead, so its unmasked tokens are those of the base mode:
+    CLS and its current profile's genes.
+    """
+    # all() over no gene position is True: a context half trimmed to nothing is missing.
+    has_context = ~context.padding_mask[:, 1:].all(dim=1)
+    context_ids = context.tokens.clone()
+    context_ids[:, 0] = torch.where(has_context, sep_id, PAD_TOKEN)
+    context_padding = context.padding_mask.clone()
+    context_padding[:, 0] = ~has_context
+    segments = torch.cat(
+        [
+            torch.full_like(current.tokens, CURRENT_SEGMENT),
+            torch.full_like(context.tokens, CONTEXT_SEGMENT),
+        ],
+        dim=1,
+    )
+    bins = None
+    if current.bins is not None and context.bins is not None:
+        bins = torch.cat([current.bins, context.bins], dim=1)
+    return RankTokens(
+        torch.cat([current.tokens, context_ids], dim=1),
+        torch.cat([current.padding_mask, context_padding], dim=1),
+        bins,
+        segments,
+    )
+
+
+def paired_rank_value_tokenize(
+    x: Tensor,
+    context: Tensor,
+    gene_medians: Tensor,
+    n_tokens_current: int,
+    n_tokens_context: int,
+    n_bins: int = 0,
+    target_sum: float = TOKENIZE_TARGET_SUM,
+    trim: bool = True,
+) -> RankTokens:
+    """Paired tokens of a dense minibatch: CLS, current genes, SEP, context genes.
+
+    Parameters
+    ----------
+    x
+        ``(n_cells, n_genes)`` counts of the current profiles.
+    context
+        ``(n_cells, n_genes)`` counts of the paired (e.g. previous time point) profiles; a
+        row without counts is a missing pair (its SEP and context half are padding).
+    gene_medians
+        Per-gene scale shared by both halves (:func:`nonzero_gene_medians` of the
+        reference), so a gene's rank means the same in both.
+    n_tokens_current, n_tokens_context
+        Most genes kept from each profile.
+    n_bins, target_sum, trim
+        As in :func:`rank_value_tokenize`, applied to each half on its own (value bins
+        are per profile).
+
+    Returns
+    -------
+    :class:`RankTokens` with ``segments``: position 0 is CLS, positions
+    ``1 .. L`` the current genes (``L = min(n_tokens_current, n_genes)``, or less when
+    trimmed), position ``1 + L`` SEP, then the context genes.
+    """
+    if context.shape != x.shape:
+        raise ValueError(
+            f"context must have the shape of x {tuple(x.shape)}, got {tuple(context.shape)}."
+        )
+    if n_tokens_context < 1:
+        raise ValueError(f"n_tokens_context must be >= 1, got {n_tokens_context}.")
+    current = rank_value_tokenize(x, gene_medians, n_tokens_current, n_bins, target_sum, trim)
+    previous = rank_value_tokenize(
+        context, gene_medians, n_tokens_context, n_bins, target_sum, trim
+    )
+    return join_paired_tokens(current, previous, sep_token(gene_medians.shape[0]))
+
+
+def tokenize_paired_matrices(
+    matrix,
+    context,
+    gene_medians: np.ndarray | Tensor,
+    n_tokens_current: int,
+    n_tokens_context: int,
+    n_bins: int = 0,
+    target_sum: float = TOKENIZE_TARGET_SUM,
+    chunk_size: int = 4096,
+    progress: bool = False,
+) -> RankTokens:
+    """Paired tokens of whole current and context matrices (dense or sparse).
+
+    Each half is tokenised by :func:`tokenize_matrix` and the two are joined as in
+    :func:`paired_rank_value_tokenize`; each half is as long as its longest cell needs.
+
+    Parameters
+    ----------
+    matrix, context
+        Cells x genes raw counts of the current and of the paired profiles, row by row.
+    gene_medians, n_tokens_current, n_tokens_context, n_bins, target_sum
+        As in :func:`paired_rank_value_tokenize`.
+    chunk_size, progress
+        As in :func:`tokenize_matrix`.
+    """
+    if tuple(context.shape) != tuple(matrix.shape):
+        raise ValueError(
+            f"context must have the shape of matrix {tuple(matrix.shape)}, got "
+            f"{tuple(context.shape)}."
+        )
+    if n_tokens_context < 1:
+        raise ValueError(f"n_tokens_context must be >= 1, got {n_tokens_context}.")
+    options = {"target_sum": target_sum, "chunk_size": chunk_size, "progress": progress}
+    current = tokenize_matrix(matrix, gene_medians, n_tokens_current, n_bins, **options)
+    previous = tokenize_matrix(context, gene_medians, n_tokens_context, n_bins, **options)
+    return join_paired_tokens(current, previous, sep_token(matrix.shape[1]))

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from mudata import MuData
+from scipy import sparse
 from scvi import REGISTRY_KEYS
 
 from celltyper.data import (
@@ -16,11 +18,19 @@ from celltyper.data import (
     RankTokens,
     nonzero_gene_medians,
     tokenize_matrix,
+    tokenize_paired_matrices,
 )
-from celltyper.module import RANKFORMERModule
+from celltyper.module import CONTEXT_KEY, RANKFORMERModule
 from celltyper.train import RankformerPretrainingPlan, RankformerTrainingPlan
 
-from .base import CellTyperModel, TrainingStage, seeded
+from ._context import (
+    ContextSetup,
+    MissingContext,
+    context_field,
+    context_profiles,
+    report_missing_context,
+)
+from .base import CellTyperModel, FieldFactory, TrainingStage, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +55,13 @@ class RANKFORMER(CellTyperModel):
     by minibatch, from raw counts; the per-gene medians are a buffer of the module, saved
     with it and reused for every query.
 
+    **Paired mode.** Set up with ``context_layer`` or ``context_key``
+    (:meth:`setup_anndata`), each cell is read with a context profile, e.g. its lineage
+    at the previous time point: CLS, the top ``n_tokens_current`` genes of the cell, a
+    SEP token, then the top ``n_tokens_context`` genes of the context, both halves ranked
+    with the same reference medians. A segment embedding marks each half, so the CLS
+    embedding sees how the cell's state changed, not only where it is.
+
     Parameters
     ----------
     adata
@@ -68,6 +85,10 @@ class RANKFORMER(CellTyperModel):
         included, as Geneformer computes them over its whole corpus).
     seed
         Seed of the weight initialisation (and the default seed of :meth:`train`).
+    n_tokens_current, n_tokens_context
+        Paired mode only: most genes of the cell's own profile and of its context
+        profile; each defaults to half of ``n_tokens`` (the context taking the odd one).
+        A model set up without a context rejects them.
 
     Notes
     -----
@@ -140,6 +161,8 @@ class RANKFORMER(CellTyperModel):
         dropout: float = 0.1,
         median_cells: Literal["labelled", "all"] = "labelled",
         seed: int = 0,
+        n_tokens_current: int | None = None,
+        n_tokens_context: int | None = None,
     ):
         super().__init__(adata)
         self._init_data_checks()
@@ -155,25 +178,57 @@ class RANKFORMER(CellTyperModel):
             "head_hidden": head_hidden,
         }
         sizes = {**self.presets[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        n_current, n_context = self._token_budget(n_tokens, n_tokens_current, n_tokens_context)
         with seeded(seed):
             self.module = self._module_cls(
                 n_input=self.summary_stats.n_vars,
                 n_labels=self.n_labels,
                 gene_medians=self._reference_gene_medians(median_cells),
-                n_tokens=n_tokens,
+                n_tokens=n_current,
+                n_tokens_context=n_context,
                 n_bins=n_bins,
                 dropout=dropout,
                 **sizes,
             )
         n_parameters = sum(p.numel() for p in self.module.parameters())
+        genes = (
+            f"top {n_current} genes of the cell + SEP + top {n_context} of its context "
+            f"({self.context_setup.source})"
+            if n_context
+            else f"top {n_tokens} genes per cell"
+        )
         self._model_summary_string = (
             f"RANKFORMER ({preset}): {sizes['n_layers']} layers of d_model {sizes['d_model']} "
-            f"with {sizes['n_heads']} heads, top {n_tokens} genes per cell, "
+            f"with {sizes['n_heads']} heads, {genes}, "
             f"{n_bins or 'no'} value bins, {self.n_labels} cell types, "
             f"{n_parameters:,} parameters"
         )
         self.pretrain_history_ = None
         self.init_params_ = self._get_init_params(locals())
+
+    def _token_budget(
+        self, n_tokens: int, n_tokens_current: int | None, n_tokens_context: int | None
+    ) -> tuple[int, int]:
+        """Genes of the cell and of its context per sequence (context 0: base mode)."""
+        if not self.is_paired:
+            for name, value in (
+                ("n_tokens_current", n_tokens_current),
+                ("n_tokens_context", n_tokens_context),
+            ):
+                if value is not None:
+                    raise ValueError(
+                        f"{name}={value} applies to the paired mode only; set up with "
+                        "context_layer or context_key, or pass n_tokens."
+                    )
+            return n_tokens, 0
+        current = n_tokens // 2 if n_tokens_current is None else n_tokens_current
+        context = n_tokens - n_tokens // 2 if n_tokens_context is None else n_tokens_context
+        for name, value in (("n_tokens_current", current), ("n_tokens_context", context)):
+            if value < 1:
+                raise ValueError(
+                    f"{name} must be >= 1 in the paired mode, got {value} (n_tokens={n_tokens})."
+                )
+        return current, context
 
     def _reference_gene_medians(self, median_cells: str) -> np.ndarray:
         """Per-gene median of non-zero normalised counts of the registered cells.
@@ -187,6 +242,128 @@ class RANKFORMER(CellTyperModel):
         if median_cells == "all" or len(labelled) == 0:
             return nonzero_gene_medians(matrix)
         return nonzero_gene_medians(matrix[labelled])
+
+    # -- setup: the paired mode -------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str | None = None,
+        unlabeled_category: str = "Unknown",
+        batch_key: str | None = None,
+        layer: str | None = None,
+        context_layer: str | None = None,
+        context_key: str | None = None,
+        missing_context: MissingContext = "raise",
+        **kwargs,
+    ):
+        """Register an AnnData of raw counts; with a context, for the paired mode.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes, raw counts in ``X`` or ``layers[layer]``.
+        labels_key, unlabeled_category, batch_key, layer
+            As in every celltyper model (:meth:`CellTyperModel.setup_anndata`).
+        context_layer
+            Layer holding each cell's context profile (raw counts, same genes), row by
+            row: e.g. a pseudo-bulk of the cell's lineage or donor at the previous time
+            point. Selects the paired mode.
+        context_key
+            obs column naming, for each cell, the ``obs_name`` of its paired cell in the
+            same object (e.g. its ancestor at the previous time point). Selects the paired
+            mode; registration stores the paired cells' counts in
+            ``layers["_scvi_context"]`` (as scvi-tools stores ``obs["_scvi_labels"]``).
+        missing_context
+            A cell whose context has no counts, or whose paired cell is missing (NaN) or
+            not in the object, is an error (``"raise"``, which says how many there are)
+            or is read in the base mode: CLS and its own genes (``"none"``, with a
+            warning giving their number). New data (queries, ``predict``) follow the same
+            rule; with ``"none"`` they may also lack the layer or column altogether.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        setup = {k: v for k, v in locals().items() if k not in ("cls", "adata", "kwargs")}
+        setup.pop("setup_method_args")
+        cls._register(
+            adata, adata, adata.obs, FieldFactory(), setup_method_args, {**setup, **kwargs}
+        )
+
+    @classmethod
+    def _setup_fields(
+        cls,
+        make: FieldFactory,
+        context_layer: str | None = None,
+        context_key: str | None = None,
+        missing_context: MissingContext = "raise",
+        **setup,
+    ) -> list:
+        fields = super()._setup_fields(make, **setup)
+        context = ContextSetup(setup["layer"], context_layer, context_key, missing_context)
+        # A base-mode registry stays exactly as it was before the paired mode existed.
+        return [*fields, context_field(make, context)] if context.paired else fields
+
+    @classmethod
+    def _check_setup_inputs(
+        cls,
+        rna,
+        obs,
+        context_layer: str | None = None,
+        context_key: str | None = None,
+        missing_context: MissingContext = "raise",
+        **setup,
+    ) -> None:
+        super()._check_setup_inputs(rna, obs, **setup)
+        context = ContextSetup(setup["layer"], context_layer, context_key, missing_context)
+        context.check_arguments()
+        if not context.paired:
+            return
+        # Checked before anything is registered, so a refused setup leaves adata as it was.
+        profiles = context_profiles(rna, obs, context)
+        if not setup["transferring"]:
+            # Transfers (load, queries) report through the registry field instead.
+            report_missing_context(profiles, context, "adata", stacklevel=5)
+
+    @classmethod
+    def _extra_obs_columns(
+        cls, registry: dict, obs: pd.DataFrame, *, keep_new_batches: bool, what: str
+    ) -> dict[str, np.ndarray]:
+        context = ContextSetup.from_setup_args(registry["setup_args"])
+        if context.context_key is None:
+            return {}
+        if context.context_key in obs.columns:
+            return {context.context_key: obs[context.context_key].astype(object).to_numpy()}
+        if context.missing_context == "none":
+            return {context.context_key: np.full(len(obs), None, dtype=object)}
+        raise KeyError(
+            f"context_key={context.context_key!r} is not a column of the {what}'s obs; the "
+            "model pairs each cell with the cell that column names (or was set up with "
+            "missing_context='none' to read cells without a pair in the base mode)."
+        )
+
+    @classmethod
+    def _extra_layers(cls, registry: dict, rna: AnnData, *, what: str) -> dict:
+        context = ContextSetup.from_setup_args(registry["setup_args"])
+        name = context.context_layer
+        if name is None:
+            return {}
+        if name in rna.layers:
+            return {name: rna.layers[name]}
+        if context.missing_context == "none":
+            return {name: sparse.csr_matrix(rna.shape, dtype=np.float32)}
+        raise KeyError(
+            f"context_layer={name!r} is not in the {what}'s layers (available: "
+            f"{list(rna.layers)}); the model reads each cell's context profile there."
+        )
+
+    @property
+    def context_setup(self) -> ContextSetup:
+        """How the model finds each cell's context profile (base mode: none)."""
+        return ContextSetup.from_setup_args(self.registry_["setup_args"])
+
+    @property
+    def is_paired(self) -> bool:
+        """Whether the model reads a context profile beside each cell's own."""
+        return self.context_setup.paired
 
     # -- training -------------------------------------------------------------------------
     def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:
@@ -289,17 +466,28 @@ class RANKFORMER(CellTyperModel):
         -------
         :class:`~celltyper.data.RankTokens`: token ids, padding mask and value bins. A
         gene's id is ``N_SPECIAL_TOKENS + i``, ``i`` its position in
-        ``model.registration.genes``.
+        ``model.registration.genes``. A paired model's tokens are CLS, the cell's genes,
+        SEP (id :func:`~celltyper.data.sep_token`), its context's genes, with
+        ``segments`` telling the halves apart.
         """
         module: RANKFORMERModule = self.module
         with self._model_data(adata) as data:
             matrix = self.get_from_registry(data, REGISTRY_KEYS.X_KEY)
+            context = self.get_from_registry(data, CONTEXT_KEY) if module.paired else None
             if indices is not None:
                 matrix = matrix[np.asarray(indices)]
-            return tokenize_matrix(
+                context = None if context is None else context[np.asarray(indices)]
+            medians = module.gene_medians.detach().cpu()
+            if context is None:
+                return tokenize_matrix(
+                    matrix, medians, module.n_tokens, module.n_bins, progress=progress
+                )
+            return tokenize_paired_matrices(
                 matrix,
-                module.gene_medians.detach().cpu(),
+                context,
+                medians,
                 module.n_tokens,
+                module.n_tokens_context,
                 module.n_bins,
                 progress=progress,
             )

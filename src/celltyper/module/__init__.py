@@ -2,12 +2,13 @@
 
 from ._base import CellTyperModule, ClassifierModule, LogExpressionClassifier
 from ._cellular import CELLULARModule
-from ._rankformer import RANKFORMERModule
+from ._rankformer import CONTEXT_KEY, RANKFORMERModule
 from ._scatlasvae import SCATLASVAEModule
 from ._scnym import SCNYMModule
 from ._scpretrain import PseudoLabelHeads, SCPRETRAINModule
 
 __all__ = [
+    "CONTEXT_KEY",
     "CELLULARModule",
     "CellTyperModule",
     "ClassifierModule",

@@ -17,11 +17,15 @@ from celltyper.data import (
     N_SPECIAL_TOKENS,
     PAD_TOKEN,
     RankTokens,
+    paired_rank_value_tokenize,
     rank_value_tokenize,
 )
 from celltyper.nn import TransformerEncoder
 
 from ._base import ClassifierModule
+
+#: Registry key of the context profiles (previous time point) of a paired model.
+CONTEXT_KEY = "context"
 
 
 class RANKFORMERModule(ClassifierModule):
@@ -34,6 +38,14 @@ class RANKFORMERModule(ClassifierModule):
     over the masked tokens (:meth:`forward` passes the loss's masking to
     :meth:`inference`).
 
+    With ``n_tokens_context > 0`` the module is paired: each minibatch also carries the
+    context profile of every cell (``tensors[CONTEXT_KEY]``, e.g. the previous time
+    point), tokenised as CLS, the current genes, SEP, the context genes
+    (:func:`~celltyper.data.paired_rank_value_tokenize`). A segment embedding is added
+    to every position so attention tells "gene X high now" from "gene X high before";
+    the SEP token takes the id after the last gene, so gene ids are those of the base
+    mode.
+
     Parameters
     ----------
     n_input
@@ -44,7 +56,11 @@ class RANKFORMERModule(ClassifierModule):
         ``(n_input,)`` positive per-gene scale (median of non-zero normalised values in
         the reference); ``None`` starts from ones (a state dict then brings the values).
     n_tokens
-        Most genes a cell contributes (top by scaled expression).
+        Most genes a cell contributes (top by scaled expression); in the paired mode,
+        most genes of the current profile.
+    n_tokens_context
+        Most genes of the context profile; 0 (the default) is the base mode: no context,
+        no SEP token, no segment embedding.
     n_bins
         Value bins of the scGPT-style value embedding; 0 leaves it out.
     d_model, n_layers, n_heads, d_ff
@@ -68,24 +84,30 @@ class RANKFORMERModule(ClassifierModule):
         d_ff: int = 128,
         dropout: float = 0.1,
         head_hidden: int = 128,
+        n_tokens_context: int = 0,
     ):
         super().__init__()
         if n_tokens < 1:
             raise ValueError(f"n_tokens must be >= 1, got {n_tokens}.")
+        if n_tokens_context < 0:
+            raise ValueError(f"n_tokens_context must be >= 0, got {n_tokens_context}.")
         if n_bins < 0:
             raise ValueError(f"n_bins must be >= 0, got {n_bins}.")
         self.n_input = n_input
         self.n_labels = n_labels
         self.n_tokens = n_tokens
+        self.n_tokens_context = n_tokens_context
         self.n_bins = n_bins
         self.d_model = d_model
         medians = np.ones(n_input) if gene_medians is None else np.asarray(gene_medians)
         if medians.shape != (n_input,) or not np.all(medians > 0):
             raise ValueError(f"gene_medians must be {n_input} positive values.")
         self.register_buffer("gene_medians", torch.as_tensor(medians, dtype=torch.float32))
+        # A paired vocabulary gains SEP after the genes; the base one is left as it was.
         self.gene_embedding = nn.Embedding(
-            n_input + N_SPECIAL_TOKENS, d_model, padding_idx=PAD_TOKEN
+            n_input + N_SPECIAL_TOKENS + int(self.paired), d_model, padding_idx=PAD_TOKEN
         )
+        self.segment_embedding = nn.Embedding(2, d_model) if self.paired else None
         self.value_embedding = (
             nn.Embedding(n_bins + 1, d_model, padding_idx=0) if n_bins > 0 else None
         )
@@ -97,6 +119,8 @@ class RANKFORMERModule(ClassifierModule):
         if self.value_embedding is not None:
             nn.init.normal_(self.value_embedding.weight, std=0.02)
             self.value_embedding.weight.data[0] = 0.0
+        if self.segment_embedding is not None:
+            nn.init.normal_(self.segment_embedding.weight, std=0.02)
         self.encoder = TransformerEncoder(n_layers, d_model, n_heads, d_ff, dropout)
         self.classifier = nn.Sequential(
             nn.Linear(d_model, head_hidden),
@@ -112,10 +136,29 @@ class RANKFORMERModule(ClassifierModule):
         self.mlm_bias = nn.Parameter(torch.zeros(n_input))
 
     # -- tokens and encoder -------------------------------------------------------------
+    @property
+    def paired(self) -> bool:
+        """Whether the module reads a context profile beside each cell's own."""
+        return self.n_tokens_context > 0
+
     def tokenize(self, tensors: dict[str, Tensor]) -> RankTokens:
-        """Rank-value tokens of the minibatch's counts."""
-        return rank_value_tokenize(
-            self.expression(tensors), self.gene_medians, self.n_tokens, self.n_bins
+        """Rank-value tokens of the minibatch's counts (paired with the context's)."""
+        if not self.paired:
+            return rank_value_tokenize(
+                self.expression(tensors), self.gene_medians, self.n_tokens, self.n_bins
+            )
+        if CONTEXT_KEY not in tensors:
+            raise KeyError(
+                f"A paired RANKFORMER module needs the context profiles in "
+                f"tensors[{CONTEXT_KEY!r}]; the minibatch has {sorted(tensors)}."
+            )
+        return paired_rank_value_tokenize(
+            self.expression(tensors),
+            tensors[CONTEXT_KEY],
+            self.gene_medians,
+            self.n_tokens,
+            self.n_tokens_context,
+            self.n_bins,
         )
 
     def encode(self, tokens: RankTokens) -> Tensor:
@@ -123,6 +166,12 @@ class RANKFORMERModule(ClassifierModule):
         x = self.gene_embedding(tokens.tokens)
         if self.value_embedding is not None and tokens.bins is not None:
             x = x + self.value_embedding(tokens.bins)
+        if self.paired != (tokens.segments is not None):
+            mode = "paired" if self.paired else "base-mode"
+            given = "no segments" if tokens.segments is None else "segments"
+            raise ValueError(f"A {mode} module got tokens with {given}.")
+        if self.segment_embedding is not None:
+            x = x + self.segment_embedding(tokens.segments)
         # bf16 on a GPU (flash / memory-efficient attention); float32 on a CPU.
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else nullcontext()
         with autocast:
@@ -139,16 +188,16 @@ class RANKFORMERModule(ClassifierModule):
         Returns the masked tokens and the boolean positions masked (never CLS or padding).
         The value bins stay, so the task reads "which gene sits at this level here?".
         """
-        candidates = tokens.tokens >= N_SPECIAL_TOKENS
-        masked = candidates & (
-            torch.rand(tokens.tokens.shape, device=candidates.device) < mask_prob
-        )
-        ids = torch.where(masked, MASK_TOKEN, tokens.tokens)
-        return RankTokens(ids, tokens.padding_mask, tokens.bins), masked
+        ids = tokens.tokens
+        # Gene tokens only: SEP, in a paired vocabulary, has the id after the genes.
+        candidates = (ids >= N_SPECIAL_TOKENS) & (ids < N_SPECIAL_TOKENS + self.n_input)
+        masked = candidates & (torch.rand(ids.shape, device=candidates.device) < mask_prob)
+        masked_ids = torch.where(masked, MASK_TOKEN, ids)
+        return RankTokens(masked_ids, tokens.padding_mask, tokens.bins, tokens.segments), masked
 
     def masked_gene_logits(self, hidden: Tensor) -> Tensor:
         """Logits over genes of hidden states ``(..., d_model) -> (..., n_input)``."""
-        genes = self.gene_embedding.weight[N_SPECIAL_TOKENS:]
+        genes = self.gene_embedding.weight[N_SPECIAL_TOKENS : N_SPECIAL_TOKENS + self.n_input]
         return self.mlm_transform(hidden) @ genes.T + self.mlm_bias
 
     def masked_gene_loss(

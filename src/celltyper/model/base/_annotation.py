@@ -41,6 +41,16 @@ class AnnotationMixin(ConfidenceMixin):
         """
         return {}
 
+    @classmethod
+    def _extra_layers(cls, registry: dict, rna: AnnData, *, what: str) -> dict:
+        """Layers a model registers beyond its expression, for new data.
+
+        Like :meth:`_extra_obs_columns` for layers: ``{layer: matrix}`` read from the
+        user's expression AnnData ``rna`` (in its own genes; they are aligned to the
+        model's). None by default.
+        """
+        return {}
+
     @property
     def registration(self) -> Registration:
         """Genes, batches and cell types of the data the model was set up with."""
@@ -67,6 +77,7 @@ class AnnotationMixin(ConfidenceMixin):
             extra_columns=partial(
                 self._extra_obs_columns, self.registry_, keep_new_batches=False, what=what
             ),
+            extra_layers=partial(self._extra_layers, self.registry_, what=what),
         )
         self._validate_anndata(internal)
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -105,6 +106,7 @@ def build_model_data(
     keep_new_batches: bool = False,
     what: str = "query",
     extra_columns: Callable[[pd.DataFrame], dict[str, np.ndarray]] | None = None,
+    extra_layers: Callable[[AnnData], dict[str, Any]] | None = None,
 ) -> AnnData | MuData:
     """A registered-ready copy of ``data`` aligned to the model's genes and categories.
 
@@ -129,6 +131,11 @@ def build_model_data(
     extra_columns
         ``obs -> {column: values}`` for obs columns a model registers beyond the batch and
         the labels (e.g. further covariates); called with the user's obs table.
+    extra_layers
+        ``rna -> {layer: matrix}`` for layers a model registers beyond its expression
+        (e.g. RANKFORMER's context profiles), in the genes of ``rna``; called with the
+        user's expression AnnData. They are aligned to the model's genes like the
+        expression.
     """
     rna, obs = split_modality(data, registration.rna_modality)
     check_not_empty(rna, what)
@@ -150,7 +157,9 @@ def build_model_data(
     cell_obs = pd.DataFrame(columns, index=rna.obs_names.copy())
 
     var = pd.DataFrame(index=registration.genes.copy())
-    layers = {registration.layer: aligned} if registration.layer else None
+    layers = {registration.layer: aligned} if registration.layer else {}
+    for name, matrix in (extra_layers(rna) if extra_layers is not None else {}).items():
+        layers[name] = _aligned_like_expression(matrix, rna.var_names, registration.genes)
     x = None if registration.layer else aligned
     if not registration.is_mudata:
         return AnnData(X=x, obs=cell_obs, var=var, layers=layers)
@@ -159,6 +168,15 @@ def build_model_data(
     for key, values in cell_obs.items():
         mdata.obs[key] = values.to_numpy()
     return mdata
+
+
+def _aligned_like_expression(matrix, genes: pd.Index, reference_genes: pd.Index):
+    """``matrix`` aligned to the model's genes; the expression's alignment already
+    checked the overlap and reported the missing genes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        aligned, _ = align_genes(matrix, genes, reference_genes, min_overlap=0.0)
+    return aligned
 
 
 def _batch_column(

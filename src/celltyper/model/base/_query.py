@@ -88,6 +88,7 @@ class QueryMixin(ArchesMixin):
             extra_columns=partial(
                 cls._extra_obs_columns, registry, keep_new_batches=True, what="query"
             ),
+            extra_layers=partial(cls._extra_layers, registry, what="query"),
         )
         with safe_scvi_loading():
             model = super().load_query_data(
