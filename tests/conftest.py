@@ -131,17 +131,26 @@ def log_normalize(adata: ad.AnnData, target_sum: float = 1e6) -> ad.AnnData:
     return out
 
 
+def _settings_of(model_cls, by_model: dict[str, dict]) -> dict:
+    """The settings of ``model_cls`` or, for a subclass (e.g. a test's variant of a model),
+    of its nearest parent that has some."""
+    for cls in model_cls.__mro__:
+        if cls.__name__ in by_model:
+            return by_model[cls.__name__]
+    return {}
+
+
 def tiny_kwargs(model_cls) -> dict:
     """Small constructor kwargs for ``model_cls`` (only those its ``__init__`` accepts)."""
     params = inspect.signature(model_cls.__init__).parameters
     kwargs = {k: v for k, v in _TINY_GENERIC.items() if k in params}
-    kwargs.update(_TINY_BY_MODEL.get(model_cls.__name__, {}))
+    kwargs.update(_settings_of(model_cls, _TINY_BY_MODEL))
     return kwargs
 
 
 def train_kwargs(model_cls=None, **overrides) -> dict:
     """Keyword arguments of ``train`` for a short run (2 epochs, no progress bar)."""
-    by_model = _TRAIN_BY_MODEL.get(model_cls.__name__, {}) if model_cls is not None else {}
+    by_model = _settings_of(model_cls, _TRAIN_BY_MODEL) if model_cls is not None else {}
     return {**TRAIN_KWARGS, **by_model, **overrides}
 
 

@@ -10,6 +10,7 @@ constructor kwargs in ``conftest._TINY_BY_MODEL`` if the generic ones do not app
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import lightning.pytorch as pl
@@ -34,7 +35,32 @@ from scvi.module.base import LossOutput
 import celltyper.model
 from celltyper.train import loss_terms
 
-MODEL_NAMES = list(celltyper.model.__all__)
+#: Layer of the contract data holding each cell's context profile (paired RANKFORMER).
+PREVIOUS = "previous"
+
+
+class PairedRANKFORMER(celltyper.model.RANKFORMER):
+    """RANKFORMER in the paired mode, each cell's context read from ``layers["previous"]``.
+
+    Only the setup's default differs, so every test of the suite runs the paired model
+    through exactly the calls it makes on the classes of ``celltyper.model``.
+    """
+
+    @classmethod
+    @functools.wraps(celltyper.model.RANKFORMER.setup_anndata.__func__)
+    def setup_anndata(cls, adata, **kwargs):
+        kwargs.setdefault("context_layer", PREVIOUS)
+        return super().setup_anndata(adata, **kwargs)
+
+    @classmethod
+    def setup_mudata(cls, mdata, **kwargs):
+        kwargs.setdefault("context_layer", PREVIOUS)
+        return super().setup_mudata(mdata, **kwargs)
+
+
+#: Models of the suite beyond ``celltyper.model.__all__``, by test id.
+EXTRA_MODELS = {"RANKFORMER-paired": PairedRANKFORMER}
+MODEL_NAMES = [*celltyper.model.__all__, *EXTRA_MODELS]
 
 
 def _setup_kwargs():
@@ -51,13 +77,24 @@ def _train_new(model_cls, adata, *, init=None, **train_overrides):
 # -- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=MODEL_NAMES)
 def model_cls(request):
-    return getattr(celltyper.model, request.param)
+    return EXTRA_MODELS.get(request.param) or getattr(celltyper.model, request.param)
+
+
+def _with_previous_layer(adata):
+    """``adata`` with ``layers["previous"]``: for each cell, the counts of the next cell of
+    its type and batch (a context profile for the paired model; other models ignore it)."""
+    groups = adata.obs.groupby(["cell_type", "batch"], observed=True).indices.values()
+    partner = np.arange(adata.n_obs)
+    for members in groups:
+        partner[members] = np.roll(members, -1)
+    adata.layers[PREVIOUS] = adata.X[partner]
+    return adata
 
 
 @pytest.fixture(scope="module")
 def raw_data():
     """The unregistered synthetic data every reference and query here is cut from."""
-    return make_counts_adata()
+    return _with_previous_layer(make_counts_adata())
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +117,16 @@ def _make_query(raw_data, *, drop_fraction=0.1, seed=1):
     n_keep = query.n_vars - round(drop_fraction * query.n_vars)
     keep = rng.permutation(query.n_vars)[:n_keep]
     return query[:, keep].copy()
+
+
+def test_paired_variant_reads_the_context(trained):
+    model, adata = trained
+    if not isinstance(model, PairedRANKFORMER):
+        pytest.skip("a paired-mode check")
+    assert model.is_paired and model.module.segment_embedding is not None
+    other = adata.copy()
+    other.layers[PREVIOUS] = other.layers[PREVIOUS][::-1]
+    assert not np.allclose(model.predict(other, soft=True), model.predict(soft=True), atol=1e-4)
 
 
 # -- latent space and predictions ------------------------------------------------------------
@@ -421,7 +468,7 @@ class _PlanRecorder(pl.Callback):
 
 
 def test_train_without_arguments(model_cls, counts_adata_factory):
-    adata = counts_adata_factory(cells_per=8, n_genes=40)
+    adata = _with_previous_layer(counts_adata_factory(cells_per=8, n_genes=40))
     model_cls.setup_anndata(adata, **_setup_kwargs())
     model = model_cls(adata, **tiny_kwargs(model_cls))
     with warnings.catch_warnings():
