@@ -387,3 +387,66 @@ def test_a_run_prints_no_third_party_noise(tmp_path):
     output = done.stdout + done.stderr
     for noise in ("GPU available", "litlogger", "LeafSpec", "attempting to transfer AnnData"):
         assert noise not in output, noise
+
+
+# -- --context-layer: RANKFORMER's paired mode ---------------------------------------------------
+def _write_pair_with_context(tmp_path, layer: str = "previous", in_query: bool = True):
+    """The tiny pair, each cell given the counts of another cell of its file as context."""
+    parts = _write_pair(tmp_path)
+    for role, (path, adata) in parts.items():
+        if role == "reference" or in_query:
+            adata.layers[layer] = adata.X[::-1].copy()
+        adata.write_h5ad(path)
+    return parts
+
+
+def test_context_layer_trains_rankformer_in_its_paired_mode(tmp_path, monkeypatch):
+    from celltyper.model import RANKFORMER
+
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair_with_context(tmp_path)
+    built = []
+    original = RANKFORMER.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(RANKFORMER, "__init__", record)
+    code = main(
+        [
+            "annotate",
+            "--reference", str(parts["reference"][0]),
+            "--query", str(parts["query"][0]),
+            "--model", "rankformer",
+            "--context-layer", "previous",
+            "--max-epochs", "1",
+            "--output", "out",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    (model,) = built
+    assert model.is_paired and model.context_setup.context_layer == "previous"
+    annotated = ad.read_h5ad(tmp_path / "out" / "annotated.h5ad")
+    assert annotated.uns["celltyper"]["context_layer"] == "previous"
+    assert annotated.obs["rankformer"].isin(["A", "B", "C"]).all()
+
+
+@pytest.mark.parametrize(
+    ("model", "in_query", "message"),
+    [
+        ("scnym", True, "SCNYM reads no context profile"),
+        ("rankformer", False, "--context-layer 'previous' is not a layer of the query"),
+    ],
+)
+def test_context_layer_errors_are_usage_errors(
+    tmp_path, monkeypatch, capsys, model, in_query, message
+):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair_with_context(tmp_path, in_query=in_query)
+    argv = ["annotate", "--reference", str(parts["reference"][0])]
+    argv += ["--query", str(parts["query"][0]), "--model", model, "--context-layer", "previous"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -173,20 +173,35 @@ def _expression_kind(adata: anndata.AnnData, what: str) -> str:
         raise CliError(str(err)) from err
 
 
-def build_training_data(inputs: Inputs) -> anndata.AnnData:
+def _context_layers(
+    adata: anndata.AnnData, genes: pd.Index, context_layer: str | None, what: str
+) -> dict | None:
+    """``{context_layer: counts}`` of ``adata`` on ``genes``, or None without a layer."""
+    if context_layer is None:
+        return None
+    if context_layer not in adata.layers:
+        raise CliError(
+            f"--context-layer {context_layer!r} is not a layer of the {what} (layers: "
+            f"{list(adata.layers)})"
+        )
+    return {context_layer: adata[:, genes].layers[context_layer]}
+
+
+def build_training_data(inputs: Inputs, context_layer: str | None = None) -> anndata.AnnData:
     """One AnnData of reference and query cells for transductive training.
 
     The objects are joined on their shared genes (:func:`anndata.concat`, inner join).
     ``obs`` holds ``celltyper_role`` (``"reference"``/``"query"``), the training labels
     ``celltyper_train_label`` (the reference labels; every query cell, and every reference
     cell without a label, is the unlabelled category) and the batch column
-    (:attr:`Inputs.training_batch_key`).
+    (:attr:`Inputs.training_batch_key`). With ``context_layer`` (``--context-layer``)
+    that layer of both objects, on the shared genes, is joined too.
 
     Raises
     ------
     CliError
         If the objects share no gene or hold different kinds of values (raw counts and
-        normalised). Whether the labels suit the model is checked by the model.
+        normalised), or one lacks ``context_layer``. Whether the labels suit the model is checked by the model.
     """
     ref, qry = inputs.reference, inputs.query
     # Counts joined with normalised values would look "normalised" to the model as a whole
@@ -217,7 +232,12 @@ def build_training_data(inputs: Inputs) -> anndata.AnnData:
         )
         if inputs.batch_key is not None:
             obs[batch_key] = adata.obs[batch_key].astype(str).to_numpy()
-        light = anndata.AnnData(X=adata[:, genes].X, obs=obs, var=pd.DataFrame(index=genes.copy()))
+        light = anndata.AnnData(
+            X=adata[:, genes].X,
+            obs=obs,
+            var=pd.DataFrame(index=genes.copy()),
+            layers=_context_layers(adata, genes, context_layer, role),
+        )
         parts.append(light)
     duplicated = parts[0].obs_names.isin(parts[1].obs_names).any()
     combined = anndata.concat(

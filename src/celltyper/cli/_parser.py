@@ -68,6 +68,13 @@ def _add_data_options(annotate: argparse.ArgumentParser) -> None:
         help="label of unlabelled cells (default: Unknown)",
     )
     annotate.add_argument(
+        "--context-layer",
+        metavar="LAYER",
+        help="layer of both files holding each cell's context profile, raw counts row by "
+        "row (e.g. its lineage at the previous time point): trains rankformer in its "
+        "paired mode (CLS + the cell's genes + SEP + the context's genes)",
+    )
+    annotate.add_argument(
         "--output",
         default=DEFAULT_OUTPUT,
         metavar="DIR",

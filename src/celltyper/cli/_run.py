@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import time
 import warnings
@@ -62,6 +63,24 @@ def _setup_error(cls: type, err: Exception, inputs: Inputs) -> CliError:
     return CliError(f"{cls.__name__} cannot train on these data: {message}")
 
 
+def context_setup(cls: type, context_layer: str | None) -> dict[str, str]:
+    """The setup keywords of ``--context-layer`` for ``cls`` (none without the option).
+
+    Raises
+    ------
+    CliError
+        If the model has no paired mode to read a context with.
+    """
+    if context_layer is None:
+        return {}
+    if "context_layer" not in inspect.signature(cls.setup_anndata).parameters:
+        raise CliError(
+            f"--context-layer {context_layer!r}: {cls.__name__} reads no context profile; "
+            "the paired mode is rankformer's (--model rankformer)"
+        )
+    return {"context_layer": context_layer}
+
+
 def run_annotation(
     inputs: Inputs,
     training: anndata.AnnData,
@@ -72,6 +91,7 @@ def run_annotation(
     *,
     batch_size: int | None = None,
     early_stopping: bool | None = None,
+    context_layer: str | None = None,
 ) -> tuple[object, pd.DataFrame]:
     """Train a model on ``training`` and annotate ``inputs.query`` with it.
 
@@ -95,6 +115,9 @@ def run_annotation(
         Cells per minibatch; ``None`` uses the model's default.
     early_stopping
         Whether to stop on the held-out cells; ``None`` uses the model's default.
+    context_layer
+        Layer of ``training`` and ``inputs.query`` with each cell's context profile: the
+        model (RANKFORMER) trains in its paired mode.
 
     Returns
     -------
@@ -127,6 +150,7 @@ def run_annotation(
             labels_key=TRAIN_LABELS_KEY,
             unlabeled_category=inputs.unlabeled_category,
             batch_key=batch_key,
+            **context_setup(cls, context_layer),
         )
         fitted = cls(training, seed=seed)
     except (ValueError, KeyError) as err:
@@ -209,8 +233,9 @@ def annotate_command(args: argparse.Namespace) -> int:
     )
     cls = resolve_model(args.model)
     key = cls.__name__.lower()
+    context_setup(cls, args.context_layer)  # before any data are joined
     with quiet_third_party():
-        training = build_training_data(inputs)
+        training = build_training_data(inputs, context_layer=args.context_layer)
         fitted, table = run_annotation(
             inputs,
             training,
@@ -220,6 +245,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             accelerator=args.accelerator,
             batch_size=args.batch_size,
             early_stopping=args.early_stopping,
+            context_layer=args.context_layer,
         )
         scores = score_predictions(inputs, table, fitted.cell_types)
         threshold = fitted.novelty_threshold_
@@ -231,6 +257,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             "batch_key": inputs.training_batch_key,
             "seed": int(args.seed),
             "n_genes": int(training.n_vars),
+            **({"context_layer": args.context_layer} if args.context_layer else {}),
             "novelty_threshold": np.nan if threshold is None else float(threshold),
             **{f"score_{name}": float(value) for name, value in scores.items()},
         }
