@@ -330,27 +330,18 @@ def join_paired_tokens(current: RankTokens, context: RankTokens, sep_id: int) ->
     CLS and its current profile's genes.
     """
     # all() over no gene position is True: a context half trimmed to nothing is missing.
-    has_context = ~context.padding_mask[:, 1:].all(dim=1)
-    context_ids = context.tokens.clone()
-    context_ids[:, 0] = torch.where(has_context, sep_id, PAD_TOKEN)
-    context_padding = context.padding_mask.clone()
-    context_padding[:, 0] = ~has_context
-    segments = torch.cat(
-        [
-            torch.full_like(current.tokens, CURRENT_SEGMENT),
-            torch.full_like(context.tokens, CONTEXT_SEGMENT),
-        ],
-        dim=1,
-    )
+    has_context = ~context.padding_mask[:, 1:].all(dim=1, keepdim=True)
+    sep = torch.where(has_context, sep_id, PAD_TOKEN).to(context.tokens.dtype)
+    # One concatenation per field, the context's CLS column replaced on the way: whole
+    # matrices of cells make every extra copy count.
+    tokens = torch.cat([current.tokens, sep, context.tokens[:, 1:]], dim=1)
+    padding = torch.cat([current.padding_mask, ~has_context, context.padding_mask[:, 1:]], dim=1)
+    segments = torch.full_like(tokens, CONTEXT_SEGMENT)
+    segments[:, : current.tokens.shape[1]] = CURRENT_SEGMENT
     bins = None
     if current.bins is not None and context.bins is not None:
         bins = torch.cat([current.bins, context.bins], dim=1)
-    return RankTokens(
-        torch.cat([current.tokens, context_ids], dim=1),
-        torch.cat([current.padding_mask, context_padding], dim=1),
-        bins,
-        segments,
-    )
+    return RankTokens(tokens, padding, bins, segments)
 
 
 def paired_rank_value_tokenize(
