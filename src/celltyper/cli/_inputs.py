@@ -201,7 +201,8 @@ def build_training_data(inputs: Inputs, context_layer: str | None = None) -> ann
     ------
     CliError
         If the objects share no gene or hold different kinds of values (raw counts and
-        normalised), or one lacks ``context_layer``. Whether the labels suit the model is checked by the model.
+        normalised), or one lacks ``context_layer``. Whether the labels suit the model is
+        checked by the model.
     """
     ref, qry = inputs.reference, inputs.query
     # Counts joined with normalised values would look "normalised" to the model as a whole
