@@ -450,3 +450,104 @@ def test_context_layer_errors_are_usage_errors(
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("3", 3),
+        ("1e-3", 1e-3),
+        ("True", True),
+        ("false", False),
+        ("None", None),
+        ("none", None),
+        ("[1, 2]", [1, 2]),
+        ("'quoted'", "quoted"),
+        ("no_new_identity", "no_new_identity"),
+    ],
+)
+def test_option_values_are_python_literals_or_text(text, value):
+    from celltyper.cli._parser import option_value
+
+    assert option_value(text) == value
+    assert type(option_value(text)) is type(value)
+
+
+def test_train_and_model_options_reach_the_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    cls = cli.resolve_model("scatlasvae")
+    seen = {}
+
+    def recording_train(self, *args, **kwargs):
+        seen.update(kwargs, n_latent=self.init_params_["non_kwargs"]["n_latent"])
+        raise _StopBeforeTraining
+
+    monkeypatch.setattr(cls, "train", recording_train)
+    argv = ["annotate", "--reference", str(parts["reference"][0])]
+    argv += ["--query", str(parts["query"][0]), "--model", "scatlasvae"]
+    argv += ["--train-option", "n_epochs_prediction=None", "--train-option", "lr=0.01"]
+    argv += ["--model-option", "n_latent=4"]
+    with pytest.raises(_StopBeforeTraining):
+        main(argv)
+    assert seen["n_epochs_prediction"] is None
+    assert seen["lr"] == 0.01
+    assert seen["n_latent"] == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--train-option", "lrr=1"], "lrr: not a keyword of SCNYM.train() (did you mean lr?)"),
+        (["--train-option", "max_epochs=3"], "use --max-epochs instead"),
+        (["--train-option", "lr=1", "--train-option", "lr=2"], "lr is given twice"),
+        (["--train-option", "lr"], "expected KEY=VALUE"),
+        (["--model-option", "n_hiden=8"], "not a parameter of SCNYM() (did you mean n_hidden?)"),
+        (["--model-option", "seed=1"], "use --seed instead"),
+    ],
+)  # fmt: skip
+def test_bad_model_and_train_options_stop_before_the_data_are_joined(
+    tmp_path, monkeypatch, capsys, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the data were joined before the options were checked")
+
+    monkeypatch.setattr("celltyper.cli._run.build_training_data", must_not_run)
+    argv = ["annotate", "--reference", str(parts["reference"][0])]
+    argv += ["--query", str(parts["query"][0]), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "not a keyword" in message:
+        # The valid keys are listed, by kind.
+        assert "Valid keys: training options: config; hyperparameters:" in err
+        assert "weight_decay" in err and "balance_classes" in err
+
+
+def test_a_train_option_value_the_model_rejects_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    argv = ["annotate", "--reference", str(parts["reference"][0])]
+    argv += ["--query", str(parts["query"][0]), "--model", "scatlasvae"]
+    argv += ["--train-option", "n_epochs_prediction=0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "rejected the --train-option values" in err
+    assert "n_epochs_prediction must be >= 1" in err and "Traceback" not in err
+
+
+def test_train_keywords_match_what_train_routes():
+    for name in celltyper.model.__all__:
+        cls = getattr(celltyper.model, name)
+        keywords = cls.train_keywords()
+        assert set(keywords["options"]) == set(cls._train_options)
+        assert "lr" in keywords["hyperparameters"]
+        assert "max_epochs" in keywords["train"] and "gradient_clip_val" in keywords["trainer"]
+    assert "n_epochs_prediction" in celltyper.model.SCATLASVAE.train_keywords()["hyperparameters"]

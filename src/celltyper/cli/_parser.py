@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import signal
 import sys
 import threading
@@ -44,6 +45,36 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return number
+
+
+#: Words a shell user types for Python's True, False and None.
+_LITERAL_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def option_value(text: str) -> object:
+    """A ``--train-option``/``--model-option`` value: a Python literal, else the text.
+
+    ``3`` is an int, ``1e-3`` a float, ``True``/``true`` a bool, ``None``/``none`` None,
+    ``[1, 2]`` a list; anything that is no literal (``no_new_identity``) stays a string.
+    """
+    word = text.strip()
+    if word.lower() in _LITERAL_WORDS:
+        return _LITERAL_WORDS[word.lower()]
+    try:
+        return ast.literal_eval(word)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """argparse type of ``KEY=VALUE``: a malformed pair stops the run before data is read."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with KEY a keyword name (e.g. lr=1e-3), got {text!r}"
+        )
+    return key, option_value(value)
 
 
 def _add_data_options(annotate: argparse.ArgumentParser) -> None:
@@ -108,6 +139,29 @@ def _add_training_options(annotate: argparse.ArgumentParser) -> None:
         default=None,
         help="stop training once the held-out reference cells stop improving "
         "(default: the model's own choice)",
+    )
+    annotate.add_argument(
+        "--train-option",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        dest="train_options",
+        help="a keyword of the model's train(): its training options, hyperparameters "
+        "(lr=1e-3), data-splitter settings or Lightning Trainer keywords "
+        "(gradient_clip_val=1.0); repeatable. VALUE is read as a Python literal (3, 0.5, "
+        "True, None, [1, 2]; true/false/none too), anything else as text. An unknown KEY "
+        "is an error that lists the model's keywords",
+    )
+    annotate.add_argument(
+        "--model-option",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        dest="model_options",
+        help="a keyword of the model's constructor (n_latent=16, dropout_rate=0.2); "
+        "repeatable, VALUE read as for --train-option",
     )
     annotate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     annotate.add_argument(
@@ -174,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.error(str(err))
     except FloatingPointError as err:
         print(f"{prog}: training failed: {err}", file=sys.stderr)
+        print(
+            f"{prog}: on the command line: --max-epochs N, --train-option lr=VALUE",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt as err:
         name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl+C", 130)

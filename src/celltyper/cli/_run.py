@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import logging
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 
 import anndata
 import numpy as np
@@ -24,6 +25,7 @@ from ._common import (
     say,
 )
 from ._inputs import build_training_data, load_inputs
+from ._options import check_model_options, check_train_options
 from ._outputs import score_predictions, write_outputs
 
 
@@ -51,7 +53,9 @@ def resolve_model(name: str) -> type:
     return cls
 
 
-def _setup_error(cls: type, err: Exception, inputs: Inputs) -> CliError:
+def _setup_error(
+    cls: type, err: Exception, inputs: Inputs, model_options: dict[str, object]
+) -> CliError:
     """A usage error carrying the model's own message about the training data."""
     # str() of a KeyError is the repr of its message; the message itself reads better.
     message = str(err.args[0]) if err.args else str(err)
@@ -59,6 +63,11 @@ def _setup_error(cls: type, err: Exception, inputs: Inputs) -> CliError:
         message += (
             f" ({TRAIN_LABELS_KEY} holds the reference's --labels-key "
             f"{inputs.labels_key!r} labels; query cells are unlabelled)"
+        )
+    if model_options:
+        return CliError(
+            f"{cls.__name__} cannot be built on these data with --model-option values "
+            f"{model_options}: {message}"
         )
     return CliError(f"{cls.__name__} cannot train on these data: {message}")
 
@@ -92,6 +101,8 @@ def run_annotation(
     batch_size: int | None = None,
     early_stopping: bool | None = None,
     context_layer: str | None = None,
+    train_options: dict[str, object] | None = None,
+    model_options: dict[str, object] | None = None,
 ) -> tuple[object, pd.DataFrame]:
     """Train a model on ``training`` and annotate ``inputs.query`` with it.
 
@@ -118,6 +129,11 @@ def run_annotation(
     context_layer
         Layer of ``training`` and ``inputs.query`` with each cell's context profile: the
         model (RANKFORMER) trains in its paired mode.
+    train_options
+        Further keywords of the model's ``train()`` (``--train-option``), already
+        checked by name.
+    model_options
+        Keywords of the model's constructor (``--model-option``).
 
     Returns
     -------
@@ -128,18 +144,22 @@ def run_annotation(
     ------
     CliError
         When the model rejects the training data in its setup (e.g. fewer than two
-        labelled cell types); the message is the model's.
+        labelled cell types), or rejects a value of ``model_options`` or
+        ``train_options``; the message is the model's.
     """
+    train_options, model_options = dict(train_options or {}), dict(model_options or {})
     cls = resolve_model(model)
     batch_key = inputs.training_batch_key
     is_ref = (training.obs[ROLE_KEY] == "reference").to_numpy()
     ref_labels = training.obs.loc[is_ref, TRAIN_LABELS_KEY]
-    n_types = ref_labels[ref_labels != inputs.unlabeled_category].nunique()
+    labelled = ref_labels != inputs.unlabeled_category
+    n_types = ref_labels[labelled].nunique()
     say(
         "Training",
-        f"{cls.__name__} on {training.n_obs:,} cells ({int(is_ref.sum()):,} reference, "
-        f"{n_types} cell types; {int((~is_ref).sum()):,} query, unlabelled); "
-        f"batch key {batch_key!r}; seed {seed}",
+        f"{cls.__name__} on {training.n_obs:,} cells: {int(is_ref.sum()):,} reference "
+        f"({int(labelled.sum()):,} labelled with {n_types} cell types, "
+        f"{int((~labelled).sum()):,} unlabelled), {int((~is_ref).sum()):,} query "
+        f"(unlabelled); batch key {batch_key!r}; seed {seed}",
     )
     start = time.perf_counter()
     # The models validate their data here and name what is wrong; that is a problem with
@@ -152,24 +172,35 @@ def run_annotation(
             batch_key=batch_key,
             **context_setup(cls, context_layer),
         )
-        fitted = cls(training, seed=seed)
-    except (ValueError, KeyError) as err:
-        raise _setup_error(cls, err, inputs) from err
+        fitted = cls(training, seed=seed, **model_options)
+    except (ValueError, KeyError, TypeError) as err:
+        raise _setup_error(cls, err, inputs, model_options) from err
     # None reaches train() as None: the model's default, whatever it is.
     with warnings.catch_warnings():
         # The command's own one-line message reports an interruption.
         warnings.filterwarnings("ignore", message="Training interrupted")
-        fitted.train(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            accelerator=accelerator,
-            seed=seed,
-        )
+        try:
+            with _third_party_prints() as printed:
+                fitted.train(
+                    max_epochs=max_epochs,
+                    batch_size=batch_size,
+                    early_stopping=early_stopping,
+                    accelerator=accelerator,
+                    seed=seed,
+                    **train_options,
+                )
+        except (ValueError, TypeError) as err:
+            if not train_options:
+                raise
+            # With options of the user's, a rejected value is most likely one of them.
+            raise CliError(
+                f"{cls.__name__}.train() rejected the --train-option values {train_options}: {err}"
+            ) from err
     if fitted.training_interrupted_:
         # train() keeps a usable model; a command must not report an unfinished run.
         raise Terminated() if "SIGTERM" in fitted._interruption else KeyboardInterrupt()
-    say("", f"training finished in {time.perf_counter() - start:.1f} s")
+    stopped = " (early stopping)" if _EARLY_STOP in printed.getvalue() else ""
+    say("", f"training finished in {time.perf_counter() - start:.1f} s{stopped}")
 
     say("Predicting", f"{inputs.query.n_obs:,} query cells")
     if batch_key == ROLE_KEY:
@@ -182,6 +213,27 @@ def run_annotation(
     summary = ", ".join(f"{name} {n:,}" for name, n in counts.items() if n)
     say("", f"predicted: {summary}; {int(table['novel'].sum()):,} flagged novel")
     return fitted, table
+
+
+#: What scvi-tools' early stopping prints when it stops a fit.
+_EARLY_STOP = "Signaling Trainer to stop"
+
+
+@contextmanager
+def _third_party_prints() -> Iterator[io.StringIO]:
+    """Hold back what training prints to stdout, and pass on what is not known noise.
+
+    scvi-tools' early stopping prints its reason when a fit ends; the command says it in
+    its own words. The progress bar writes to stderr and is not affected.
+    """
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            yield printed
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip() and _EARLY_STOP not in line:
+                print(line, flush=True)
 
 
 #: Third-party lines that say nothing to a user of the command: Lightning's device and
@@ -234,6 +286,8 @@ def annotate_command(args: argparse.Namespace) -> int:
     cls = resolve_model(args.model)
     key = cls.__name__.lower()
     context_setup(cls, args.context_layer)  # before any data are joined
+    train_options = check_train_options(cls, args.train_options)
+    model_options = check_model_options(cls, args.model_options)
     with quiet_third_party():
         training = build_training_data(inputs, context_layer=args.context_layer)
         fitted, table = run_annotation(
@@ -246,6 +300,8 @@ def annotate_command(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             early_stopping=args.early_stopping,
             context_layer=args.context_layer,
+            train_options=train_options,
+            model_options=model_options,
         )
         scores = score_predictions(inputs, table, fitted.cell_types)
         threshold = fitted.novelty_threshold_

@@ -217,10 +217,12 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         )
         return [encoder, head]
 
-    def _extra_plan_classes(self) -> tuple[type, ...]:
+    @classmethod
+    def _extra_plan_classes(cls) -> tuple[type, ...]:
         return (ContrastiveTrainingPlan, JointClassifierTrainingPlan)
 
-    def _computed_plan_arguments(self) -> set[str]:
+    @classmethod
+    def _computed_plan_arguments(cls) -> set[str]:
         return {"class_weights", "use_batches"}
 
     def _stage_plan_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:

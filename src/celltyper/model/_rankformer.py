@@ -404,10 +404,12 @@ class RANKFORMER(CellTyperModel):
             )
         return stages
 
-    def _extra_plan_classes(self) -> tuple[type, ...]:
+    @classmethod
+    def _extra_plan_classes(cls) -> tuple[type, ...]:
         return (RankformerPretrainingPlan,)
 
-    def _computed_plan_arguments(self) -> set[str]:
+    @classmethod
+    def _computed_plan_arguments(cls) -> set[str]:
         # The stages set the loss weights: mlm_weight is the training option of that name.
         return {"classification_weight", "mlm_weight"}
 

@@ -202,10 +202,12 @@ class SCPRETRAIN(CellTyperModel):
         self.train(pretrain="only", pretrain_epochs=max_epochs, **kwargs)
 
     # -- the stages of train() --------------------------------------------------------------
-    def _extra_plan_classes(self) -> tuple[type, ...]:
+    @classmethod
+    def _extra_plan_classes(cls) -> tuple[type, ...]:
         return (PseudoLabelTrainingPlan,)
 
-    def _computed_plan_arguments(self) -> set[str]:
+    @classmethod
+    def _computed_plan_arguments(cls) -> set[str]:
         return {"pseudo_label_heads"}
 
     def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:

@@ -90,8 +90,10 @@ class SCATLASVAETrainingPlan(CellTyperTrainingPlan):
         if steps < MIN_HEAD_STEPS:
             warnings.warn(
                 f"The cell-type heads train only during the last {epochs} epochs, {steps} "
-                "optimisation steps; pass n_epochs_prediction=None (heads trained "
-                "throughout) or a larger n_epochs_prediction.",
+                "optimisation steps. Let them train throughout with "
+                "train(n_epochs_prediction=None) (command line: --train-option "
+                "n_epochs_prediction=None), or give a larger n_epochs_prediction "
+                "(--train-option n_epochs_prediction=N).",
                 UserWarning,
                 stacklevel=2,
             )

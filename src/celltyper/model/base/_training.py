@@ -96,6 +96,8 @@ class TrainingStage:
 def plan_parameters(plan_cls: type, module=None) -> set[str]:
     """Keyword arguments a training plan accepts, the module's loss keywords included.
 
+    ``module`` may be a module or its class: only its ``loss`` signature is read.
+
     scvi-tools' plan passes its unknown keywords to ``module.loss``, so the method's
     hyperparameters are declared once, in the plan's or the loss's signature.
     """
@@ -360,7 +362,7 @@ class TrainingMixin:
         splitter = dict(datasplitter_kwargs or {})
         trainer: dict[str, Any] = {}
         plan_names = self._plan_parameter_names()
-        splitter_names = _keyword_names(self._data_splitter_cls.__init__) - _SPLITTER_INTERNALS
+        splitter_names = self._splitter_parameter_names()
         trainer_names = trainer_parameters()
         unknown = sorted(set(plan) - plan_names)
         for name, value in kwargs.items():
@@ -384,19 +386,48 @@ class TrainingMixin:
             )
         return options, plan, splitter, trainer
 
-    def _plan_parameter_names(self) -> set[str]:
+    @classmethod
+    def _plan_parameter_names(cls) -> set[str]:
         """Hyperparameters of every plan this model may train with."""
-        plans = {self._training_plan_cls, *self._extra_plan_classes()}
+        plans = {cls._training_plan_cls, *cls._extra_plan_classes()}
         names: set[str] = set()
         for plan_cls in plans:
-            names |= plan_parameters(plan_cls, self.module)
-        return names - self._computed_plan_arguments()
+            names |= plan_parameters(plan_cls, cls._module_cls)
+        return names - cls._computed_plan_arguments()
 
-    def _extra_plan_classes(self) -> tuple[type, ...]:
+    @classmethod
+    def _splitter_parameter_names(cls) -> set[str]:
+        """Settings of the model's data splitter that users may pass."""
+        return _keyword_names(cls._data_splitter_cls.__init__) - _SPLITTER_INTERNALS
+
+    @classmethod
+    def train_keywords(cls) -> dict[str, list[str]]:
+        """The keyword arguments :meth:`train` accepts, by kind, without building a model.
+
+        Returns
+        -------
+        ``{"train": ..., "options": ..., "hyperparameters": ..., "splitter": ...,
+        "trainer": ...}``, each a sorted list of names: ``train()``'s own parameters, the
+        model's training options, the plans' and loss's hyperparameters, the data
+        splitter's settings and the keywords of scvi-tools' and Lightning's ``Trainer``.
+        A name may appear under several kinds; ``train()`` routes it to the first.
+        """
+        own = _keyword_names(cls.train) - {"self"}
+        return {
+            "train": sorted(own),
+            "options": sorted(cls._train_options),
+            "hyperparameters": sorted(cls._plan_parameter_names()),
+            "splitter": sorted(cls._splitter_parameter_names()),
+            "trainer": sorted(trainer_parameters()),
+        }
+
+    @classmethod
+    def _extra_plan_classes(cls) -> tuple[type, ...]:
         """Plans of stages other than ``_training_plan_cls`` (for keyword checking)."""
         return ()
 
-    def _computed_plan_arguments(self) -> set[str]:
+    @classmethod
+    def _computed_plan_arguments(cls) -> set[str]:
         """Plan arguments the model computes itself, which users cannot pass."""
         return set()
 
