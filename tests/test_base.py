@@ -16,6 +16,7 @@ import torch
 from conftest import make_counts_adata
 from torch import nn
 
+from celltyper._utils import gene_names
 from celltyper.data import stratified_split
 from celltyper.model.base import (
     GeneOverlap,
@@ -79,6 +80,30 @@ def test_align_genes_ensembl_vs_symbols_raises():
         align_genes(MATRIX, ensembl, GENES)
     with pytest.raises(ValueError, match="Ensembl"):
         align_genes(MATRIX, GENES, ensembl)
+
+
+def test_ensembl_vs_symbols_error_names_the_fix():
+    ensembl = pd.Index([f"ENSG{i:011d}" for i in range(4)])
+    var = pd.DataFrame({"kind": "Gene Expression", "gene_symbols": list(GENES)}, index=ensembl)
+    with pytest.raises(ValueError, match=r"var\['gene_symbols'\] holds gene symbols: pass "):
+        align_genes(MATRIX, ensembl, GENES, var=var)
+    # Without a suitable column, the message lists the columns there are.
+    with pytest.raises(ValueError, match=r"Pass gene_column='<column>'.*\['kind'\]"):
+        align_genes(MATRIX, ensembl, GENES, var=var[["kind"]])
+
+
+def test_gene_names_from_a_column_never_change_the_table():
+    var = pd.DataFrame({"symbol": ["A", "B", "A", None]}, index=["e1", "e2", "e3", "e4"])
+    before = var.copy()
+    assert list(gene_names(var.index, var, None)) == ["e1", "e2", "e3", "e4"]
+    with pytest.warns(UserWarning) as caught:
+        names = gene_names(var.index, var, "symbol")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "1 genes of the query have no name" in messages and "repeats 1 gene" in messages
+    assert names[:3].tolist() == ["A", "B", "A-1"] and names.is_unique
+    pd.testing.assert_frame_equal(var, before)
+    with pytest.raises(KeyError, match=r"gene_column='gene_ids' is not a column.*\['symbol'\]"):
+        gene_names(var.index, var, "gene_ids")
 
 
 def test_align_genes_identity_returns_same_object():

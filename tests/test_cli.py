@@ -551,3 +551,68 @@ def test_train_keywords_match_what_train_routes():
         assert "lr" in keywords["hyperparameters"]
         assert "max_epochs" in keywords["train"] and "gradient_clip_val" in keywords["trainer"]
     assert "n_epochs_prediction" in celltyper.model.SCATLASVAE.train_keywords()["hyperparameters"]
+
+
+# -- gene names from a var column -----------------------------------------------------------
+def _with_ensembl_names(path):
+    """Rewrite the file at ``path`` indexed by Ensembl-like IDs, its names in var['symbol']."""
+    adata = ad.read_h5ad(path)
+    adata.var["symbol"] = adata.var_names.astype(str)
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    adata.write_h5ad(path)
+    return adata
+
+
+def test_query_gene_column_matches_ensembl_ids_to_symbols(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    query_path = parts["query"][0]
+    _with_ensembl_names(query_path)
+    argv = ["annotate", "--reference", str(parts["reference"][0]), "--query", str(query_path)]
+    argv += ["--model", "scnym", "--max-epochs", "1", "--output", "out"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the reference uses symbol names, the query ensembl names" in err
+    assert "var['symbol'] holds gene symbols: pass --query-gene-column symbol" in err
+
+    assert main([*argv, "--query-gene-column", "symbol"]) == 0
+    assert "60 shared: 100.0%" in capsys.readouterr().out
+    annotated = ad.read_h5ad(tmp_path / "out" / "annotated.h5ad")
+    # The query keeps its own gene names, in the output as in its file.
+    assert annotated.var_names[0] == "ENSG00000000000"
+    assert ad.read_h5ad(query_path).var_names[0] == "ENSG00000000000"
+    assert "scnym" in annotated.obs
+
+
+def test_reference_gene_column_joins_on_that_column(tmp_path, capsys):
+    parts = _write_pair(tmp_path)
+    reference = _with_ensembl_names(parts["reference"][0])
+    inputs = cli.load_inputs(parts["reference"][0], parts["query"][0])
+    with pytest.raises(cli.CliError, match="pass --reference-gene-column symbol"):
+        cli.build_training_data(inputs)
+    inputs = cli.load_inputs(
+        parts["reference"][0], parts["query"][0], reference_gene_column="symbol"
+    )
+    training = cli.build_training_data(inputs)
+    assert list(training.var_names) == list(reference.var["symbol"])
+    is_ref = (training.obs[cli.ROLE_KEY] == "reference").to_numpy()
+    np.testing.assert_array_equal(training.X[is_ref].toarray(), reference.X.toarray())
+    assert inputs.reference.var_names[0] == "ENSG00000000000"
+
+
+@pytest.mark.parametrize("flag", ["--query-gene-column", "--reference-gene-column"])
+def test_unknown_gene_column_lists_the_var_columns(tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path)
+    for role in ("reference", "query"):
+        _with_ensembl_names(parts[role][0])
+    argv = ["annotate", "--reference", str(parts["reference"][0])]
+    argv += ["--query", str(parts["query"][0]), flag, "gene_ids"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    role = "query" if flag.startswith("--query") else "reference"
+    expected = f"{flag} 'gene_ids' is not a column of the {role}'s var; available columns: "
+    assert expected + "['symbol']" in capsys.readouterr().err

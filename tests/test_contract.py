@@ -371,6 +371,38 @@ def test_load_query_data_predicts(query_setup, trained):
     assert type(model).__name__.lower() in target.obs
 
 
+def _indexed_by_ensembl_ids(adata):
+    """A copy indexed by Ensembl-like IDs, the model's gene names kept in var["symbol"]."""
+    renamed = adata.copy()
+    renamed.var["symbol"] = renamed.var_names.astype(str)
+    renamed.var["feature_types"] = "Gene Expression"
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    return renamed
+
+
+def test_gene_column_aligns_data_indexed_by_other_ids(trained, raw_data):
+    model, _ = trained
+    query = _make_query(raw_data)
+    renamed = _indexed_by_ensembl_ids(query)
+    before, var_before = snapshot(renamed), renamed.var.copy()
+    # The error says which column fixes it.
+    with pytest.raises(ValueError, match=r"var\['symbol'\] holds gene symbols: pass gene_column="):
+        model.predict(renamed)
+    with pytest.raises(KeyError, match=r"gene_column='nope' is not a column.*'symbol'"):
+        model.predict(renamed, gene_column="nope")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 10 missing genes
+        expected = model.predict(query, soft=True).to_numpy()
+        aligned = model.predict(renamed, soft=True, gene_column="symbol").to_numpy()
+        query_model = type(model).load_query_data(renamed, model, gene_column="symbol")
+    np.testing.assert_allclose(aligned, expected, rtol=1e-5, atol=1e-6)
+    assert query_model.predict(renamed, gene_column="symbol").tolist() == (
+        query_model.predict().tolist()
+    )
+    assert_unchanged(renamed, before)
+    pd.testing.assert_frame_equal(renamed.var, var_before)
+
+
 def test_query_training_keeps_frozen_parameters(trained, raw_data):
     model, _ = trained
     query = _make_query(raw_data)

@@ -1,7 +1,14 @@
 """Private helpers below ``pp``, ``model`` and the command line: input validation,
 normalisation, gene alignment and seeding. Nothing here imports the rest of celltyper."""
 
-from ._genes import GeneOverlap, align_genes, gene_identifier_type
+from ._genes import (
+    GeneOverlap,
+    align_genes,
+    columns_holding,
+    gene_identifier_type,
+    gene_kind_advice,
+    gene_names,
+)
 from ._matrix import dense_float32, log1p_scaled_counts, row_totals
 from ._seed import seeded
 from ._validation import (
@@ -22,8 +29,11 @@ __all__ = [
     "check_matrix_values",
     "check_not_empty",
     "check_obs_key",
+    "columns_holding",
     "dense_float32",
     "gene_identifier_type",
+    "gene_kind_advice",
+    "gene_names",
     "get_matrix",
     "log1p_scaled_counts",
     "require_counts",

@@ -47,12 +47,132 @@ def gene_identifier_type(names: pd.Index) -> Literal["ensembl", "symbol"]:
     return "ensembl" if share > 0.5 else "symbol"
 
 
+def gene_names(
+    var_names: pd.Index,
+    var: pd.DataFrame,
+    gene_column: str | None,
+    what: str = "query",
+    argument: str = "gene_column",
+) -> pd.Index:
+    """The gene names to align on: ``var_names``, or the ``var`` column ``gene_column``.
+
+    Nothing is written back: the names are a new index, so the caller's object keeps its
+    own ``var_names``.
+
+    Parameters
+    ----------
+    var_names, var
+        The data's ``var_names`` and ``var`` table.
+    gene_column
+        A column of ``var`` holding the gene names to use (e.g. ``"gene_ids"`` with Ensembl
+        IDs, ``"gene_symbols"``); ``None`` uses ``var_names``.
+    what
+        Name of the data in messages.
+    argument
+        Name of the option in messages (``"gene_column"``, ``"--query-gene-column"``).
+
+    Returns
+    -------
+    One name per gene. Duplicated names are made unique (``"A"``, ``"A-1"``, as
+    ``var_names_make_unique`` does) and genes without a name get one that matches no
+    other gene, each with a warning.
+
+    Raises
+    ------
+    KeyError
+        If ``gene_column`` is not a column of ``var``; the message lists the columns.
+    """
+    if gene_column is None:
+        return pd.Index(var_names)
+    if gene_column not in var.columns:
+        raise KeyError(
+            f"{argument}={gene_column!r} is not a column of the {what}'s var (its columns: "
+            f"{list(var.columns)}); name the var column that holds the gene names."
+        )
+    values = var[gene_column].astype(object)
+    missing = values.isna().to_numpy()
+    names = values.astype(str).to_numpy(dtype=object)
+    if missing.any():
+        warnings.warn(
+            f"{int(missing.sum())} genes of the {what} have no name in var[{gene_column!r}]; "
+            "they match no gene of the other side.",
+            UserWarning,
+            stacklevel=3,
+        )
+        # Names that cannot match anything: the genes stay, but are never aligned.
+        names[missing] = [f"<no name in var[{gene_column!r}] #{i}>" for i in range(missing.sum())]
+    index = pd.Index(names, dtype=object)
+    if index.has_duplicates:
+        n_dup = int(index.duplicated().sum())
+        warnings.warn(
+            f"var[{gene_column!r}] of the {what} repeats {n_dup} gene names; they are made "
+            "unique ('A', 'A-1', ...) for the alignment.",
+            UserWarning,
+            stacklevel=3,
+        )
+        index = _unique_names(index)
+    return index
+
+
+def _unique_names(names: pd.Index) -> pd.Index:
+    """Repeated names suffixed ``-1``, ``-2``, ... (anndata's ``make_index_unique``)."""
+    from anndata.utils import make_index_unique
+
+    return make_index_unique(pd.Index(names, dtype=object))
+
+
+def columns_holding(var: pd.DataFrame, kind: Literal["ensembl", "symbol"]) -> list[str]:
+    """Text columns of ``var`` whose values look like ``kind`` of gene names."""
+    found = []
+    for column in var.columns:
+        values = var[column]
+        if not (
+            pd.api.types.is_object_dtype(values)
+            or pd.api.types.is_string_dtype(values)
+            or isinstance(values.dtype, pd.CategoricalDtype)
+        ):
+            continue
+        text = values.dropna().astype(str)
+        # A column of a few repeated words (e.g. feature_types) is no gene name column.
+        if len(text) and text.nunique() > len(text) // 2:
+            if gene_identifier_type(pd.Index(text)) == kind:
+                found.append(str(column))
+    return found
+
+
+def gene_kind_advice(
+    kind_wanted: Literal["ensembl", "symbol"],
+    var: pd.DataFrame | None,
+    what: str,
+    argument: str = "gene_column",
+) -> str:
+    """How to give ``what`` gene names of ``kind_wanted``: the option and a column for it."""
+    wanted = _describe(kind_wanted)
+    candidates = columns_holding(var, kind_wanted) if var is not None else []
+    if candidates:
+        return (
+            f"The {what}'s var[{candidates[0]!r}] holds {wanted}: pass "
+            f"{_option(argument, candidates[0])} to align on it."
+        )
+    columns = list(var.columns) if var is not None else []
+    return (
+        f"Pass {_option(argument, '<column>')} naming a var column of the {what} with "
+        f"{wanted} (its var columns: {columns}), or convert its var_names to {wanted} first."
+    )
+
+
+def _option(argument: str, value: str) -> str:
+    """``gene_column='x'`` for a keyword, ``--query-gene-column x`` for a flag."""
+    return f"{argument} {value}" if argument.startswith("--") else f"{argument}={value!r}"
+
+
 def align_genes(
     matrix,
     genes: pd.Index,
     reference_genes: pd.Index,
     min_overlap: float = 0.5,
     what: str = "query",
+    var: pd.DataFrame | None = None,
 ):
     """Reorder the columns of ``matrix`` to ``reference_genes``, zero-filling missing genes.
 
@@ -68,6 +188,9 @@ def align_genes(
         Smallest accepted share of reference genes present in ``genes``.
     what
         Name of the data in messages.
+    var
+        The data's ``var`` table, searched for a column of the model's kind of gene
+        names when the two kinds differ, so that the error names it.
 
     Returns
     -------
@@ -88,8 +211,8 @@ def align_genes(
     if kind_ref != kind_new:
         raise ValueError(
             f"The model's genes are {_describe(kind_ref)} but the {what}'s are "
-            f"{_describe(kind_new)} (e.g. {reference_genes[0]!r} vs {genes[0]!r}); convert one "
-            "to the other (e.g. through var['gene_ids'] or var['gene_symbols']) first."
+            f"{_describe(kind_new)} (e.g. {reference_genes[0]!r} vs {genes[0]!r}). "
+            + gene_kind_advice(kind_ref, var, what)
         )
     positions = genes.get_indexer(reference_genes)
     overlap = GeneOverlap(len(reference_genes), len(genes), int((positions >= 0).sum()))

@@ -56,6 +56,9 @@ class Inputs:
         used only to score the predictions; ``None`` when the query has no labels.
     description
         Where the data came from, for messages and provenance.
+    reference_gene_column, query_gene_column
+        ``var`` columns holding the gene names to join and align on, instead of each
+        object's ``var_names`` (``--reference-gene-column``, ``--query-gene-column``).
     """
 
     reference: anndata.AnnData
@@ -65,6 +68,8 @@ class Inputs:
     unlabeled_category: str = "Unknown"
     query_labels: pd.Series | None = None
     description: str = ""
+    reference_gene_column: str | None = None
+    query_gene_column: str | None = None
 
     @property
     def training_batch_key(self) -> str:

@@ -7,13 +7,20 @@ on its training data (label counts, matrix values, ...) is left to the model.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata
 import numpy as np
 import pandas as pd
 
-from celltyper._utils import check_matrix_values, gene_identifier_type
+from celltyper._utils import (
+    check_matrix_values,
+    columns_holding,
+    gene_identifier_type,
+    gene_kind_advice,
+    gene_names,
+)
 
 from ._common import (
     DEFAULT_LABELS_KEY,
@@ -64,6 +71,9 @@ def load_inputs(
     labels_key: str | None = None,
     batch_key: str | None = None,
     unlabeled_category: str = "Unknown",
+    *,
+    reference_gene_column: str | None = None,
+    query_gene_column: str | None = None,
 ) -> Inputs:
     """Read the reference and query, or split the bundled demo into the two.
 
@@ -79,6 +89,9 @@ def load_inputs(
         to ``None`` (the reference/query role) for files.
     unlabeled_category
         Label of unlabelled cells.
+    reference_gene_column, query_gene_column
+        A ``var`` column of that object holding the gene names to join on instead of its
+        ``var_names`` (e.g. ``"gene_ids"``); the objects themselves keep their names.
 
     Returns
     -------
@@ -87,7 +100,8 @@ def load_inputs(
     Raises
     ------
     CliError
-        For a missing or unreadable file, only one of the two paths, or a missing column.
+        For a missing or unreadable file, only one of the two paths, or a missing column
+        (of ``obs``, or of ``var`` for a gene column).
     """
     labels_key = labels_key or DEFAULT_LABELS_KEY
     if (reference is None) != (query is None):
@@ -124,6 +138,15 @@ def load_inputs(
             # Joining casts the batches to strings, which would turn NaN into a batch "nan".
             if adata.obs[batch_key].isna().any():
                 raise CliError(f"the {name}'s obs[{batch_key!r}] has missing values")
+    for flag, column, adata, name in (
+        ("--reference-gene-column", reference_gene_column, ref, "reference"),
+        ("--query-gene-column", query_gene_column, qry, "query"),
+    ):
+        if column is not None and column not in adata.var.columns:
+            raise CliError(
+                f"{flag} {column!r} is not a column of the {name}'s var; available "
+                f"columns: {list(adata.var.columns)}"
+            )
     truth = _query_labels(qry, labels_key, unlabeled_category)
     if truth is not None:
         say("", f"query labels in obs[{labels_key!r}] kept aside for scoring only")
@@ -135,35 +158,90 @@ def load_inputs(
         unlabeled_category=unlabeled_category,
         query_labels=truth,
         description=description,
+        reference_gene_column=reference_gene_column,
+        query_gene_column=query_gene_column,
     )
 
 
-def shared_genes(reference: anndata.AnnData, query: anndata.AnnData) -> pd.Index:
+def genes_to_join(adata: anndata.AnnData, gene_column: str | None, what: str) -> pd.Index:
+    """The gene names of ``adata`` to join on: ``var_names`` or ``var[gene_column]``.
+
+    Duplicated or missing names in the column are reported on a progress line; ``adata``
+    keeps its ``var_names``.
+    """
+    flag = f"--{what}-gene-column"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            names = gene_names(adata.var_names, adata.var, gene_column, what, argument=flag)
+        except KeyError as err:
+            raise CliError(str(err.args[0])) from err
+    for warning in caught:
+        say("Genes", str(warning.message))
+    return names
+
+
+def shared_genes(
+    reference: anndata.AnnData,
+    query: anndata.AnnData,
+    reference_gene_column: str | None = None,
+    query_gene_column: str | None = None,
+) -> pd.Index:
     """Genes of both objects, in the reference's order, with a printed overlap report.
+
+    Parameters
+    ----------
+    reference, query
+        The two objects.
+    reference_gene_column, query_gene_column
+        ``var`` columns to take each side's gene names from instead of its ``var_names``.
 
     Raises
     ------
     CliError
-        If the two share no gene.
+        If the two share no gene; when one side has Ensembl IDs and the other symbols,
+        the message says which option and column fixes it.
     """
-    shared = reference.var_names[reference.var_names.isin(query.var_names)]
-    n_ref, n_query, n = reference.n_vars, query.n_vars, len(shared)
+    ref_names = genes_to_join(reference, reference_gene_column, "reference")
+    query_names = genes_to_join(query, query_gene_column, "query")
+    return _shared_names(ref_names, query_names, reference.var, query.var)
+
+
+def _shared_names(
+    ref_names: pd.Index, query_names: pd.Index, ref_var: pd.DataFrame, query_var: pd.DataFrame
+) -> pd.Index:
+    shared = ref_names[ref_names.isin(query_names)]
+    n_ref, n_query, n = len(ref_names), len(query_names), len(shared)
     say(
         "Genes",
         f"{n:,} shared: {n / n_ref:.1%} of the reference's {n_ref:,}, "
         f"{n / n_query:.1%} of the query's {n_query:,}",
     )
     if n == 0:
-        kinds = gene_identifier_type(reference.var_names), gene_identifier_type(query.var_names)
-        hint = (
-            f" (the reference uses {kinds[0]} names, the query {kinds[1]} names)"
-            if kinds[0] != kinds[1]
-            else ""
-        )
+        kinds = gene_identifier_type(ref_names), gene_identifier_type(query_names)
+        hint = ""
+        if kinds[0] != kinds[1]:
+            hint = (
+                f" (the reference uses {kinds[0]} names, the query {kinds[1]} names). "
+                + _gene_kind_fix(kinds[0], kinds[1], ref_var, query_var)
+            )
         raise CliError(f"the reference and the query have no gene in common{hint}")
     if n < LOW_GENE_OVERLAP * min(n_ref, n_query):
         say("", f"warning: low gene overlap; only the {n:,} shared genes are used")
     return shared
+
+
+def _gene_kind_fix(
+    ref_kind: str, query_kind: str, ref_var: pd.DataFrame, query_var: pd.DataFrame
+) -> str:
+    """Which option and ``var`` column give both sides the same kind of gene names."""
+    if columns_holding(ref_var, query_kind) and not columns_holding(query_var, ref_kind):
+        return gene_kind_advice(query_kind, ref_var, "reference", "--reference-gene-column")
+    advice = gene_kind_advice(ref_kind, query_var, "query", "--query-gene-column")
+    if columns_holding(query_var, ref_kind):
+        return advice
+    # Neither side has a column of the other's kind: both ways out are worth naming.
+    return f"{advice} Or name a reference var column with --reference-gene-column."
 
 
 def _expression_kind(adata: anndata.AnnData, what: str) -> str:
@@ -174,9 +252,10 @@ def _expression_kind(adata: anndata.AnnData, what: str) -> str:
 
 
 def _context_layers(
-    adata: anndata.AnnData, genes: pd.Index, context_layer: str | None, what: str
+    adata: anndata.AnnData, genes: np.ndarray, context_layer: str | None, what: str
 ) -> dict | None:
-    """``{context_layer: counts}`` of ``adata`` on ``genes``, or None without a layer."""
+    """``{context_layer: counts}`` of ``adata`` on the genes at positions ``genes``, or
+    None without a layer."""
     if context_layer is None:
         return None
     if context_layer not in adata.layers:
@@ -213,7 +292,11 @@ def build_training_data(inputs: Inputs, context_layer: str | None = None) -> ann
             f"the reference's X holds {kinds[0]} values but the query's {kinds[1]}; give both "
             "as raw counts (or both normalised the same way)"
         )
-    genes = shared_genes(ref, qry)
+    names = {
+        "reference": genes_to_join(ref, inputs.reference_gene_column, "reference"),
+        "query": genes_to_join(qry, inputs.query_gene_column, "query"),
+    }
+    genes = _shared_names(names["reference"], names["query"], ref.var, qry.var)
 
     unlabeled = inputs.unlabeled_category
     labels = ref.obs[inputs.labels_key].astype(object)
@@ -233,11 +316,13 @@ def build_training_data(inputs: Inputs, context_layer: str | None = None) -> ann
         )
         if inputs.batch_key is not None:
             obs[batch_key] = adata.obs[batch_key].astype(str).to_numpy()
+        # By position: the names joined on may come from a var column, not var_names.
+        positions = names[role].get_indexer(genes)
         light = anndata.AnnData(
-            X=adata[:, genes].X,
+            X=adata[:, positions].X,
             obs=obs,
             var=pd.DataFrame(index=genes.copy()),
-            layers=_context_layers(adata, genes, context_layer, role),
+            layers=_context_layers(adata, positions, context_layer, role),
         )
         parts.append(light)
     duplicated = parts[0].obs_names.isin(parts[1].obs_names).any()

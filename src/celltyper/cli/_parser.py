@@ -106,6 +106,18 @@ def _add_data_options(annotate: argparse.ArgumentParser) -> None:
         "paired mode (CLS + the cell's genes + SEP + the context's genes)",
     )
     annotate.add_argument(
+        "--reference-gene-column",
+        metavar="COLUMN",
+        help="reference var column with the gene names to match on (e.g. gene_ids), "
+        "instead of its var_names",
+    )
+    annotate.add_argument(
+        "--query-gene-column",
+        metavar="COLUMN",
+        help="query var column with the gene names to match on (e.g. gene_ids when the "
+        "reference has Ensembl IDs and the query symbols), instead of its var_names",
+    )
+    annotate.add_argument(
         "--output",
         default=DEFAULT_OUTPUT,
         metavar="DIR",

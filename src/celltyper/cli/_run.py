@@ -208,7 +208,7 @@ def run_annotation(
         inputs.query.obs[ROLE_KEY] = pd.Categorical(
             ["query"] * inputs.query.n_obs, categories=["query", "reference"]
         )
-    table = fitted.annotate(inputs.query, overwrite=True)
+    table = fitted.annotate(inputs.query, overwrite=True, gene_column=inputs.query_gene_column)
     counts = table["prediction"].value_counts()
     summary = ", ".join(f"{name} {n:,}" for name, n in counts.items() if n)
     say("", f"predicted: {summary}; {int(table['novel'].sum()):,} flagged novel")
@@ -281,7 +281,13 @@ def annotate_command(args: argparse.Namespace) -> int:
         resolve_model(args.model)  # the error that lists the models
     # Bad files are reported before the model stack (torch, scvi-tools) loads.
     inputs = load_inputs(
-        args.reference, args.query, args.labels_key, args.batch_key, args.unlabeled_category
+        args.reference,
+        args.query,
+        args.labels_key,
+        args.batch_key,
+        args.unlabeled_category,
+        reference_gene_column=args.reference_gene_column,
+        query_gene_column=args.query_gene_column,
     )
     cls = resolve_model(args.model)
     key = cls.__name__.lower()

@@ -316,7 +316,9 @@ class SCATLASVAE(CellTyperModel):
         self._label_index(None)
         return self.module.classify(tensors)
 
-    def _head_probabilities(self, adata, indices, batch_size, keys) -> dict[str, pd.DataFrame]:
+    def _head_probabilities(
+        self, adata, indices, batch_size, keys, gene_column=None
+    ) -> dict[str, pd.DataFrame]:
         """Probabilities of the heads of the label ``keys`` (``None``: primary), one
         DataFrame (cells x cell types) per key."""
         heads = {key: self._label_index(key) for key in keys}
@@ -325,7 +327,7 @@ class SCATLASVAE(CellTyperModel):
             key: (lambda tensors, k=k: torch.softmax(self.module.classify_key(tensors, k), -1))
             for key, k in heads.items()
         }
-        with self._model_data(adata) as data:
+        with self._model_data(adata, gene_column=gene_column) as data:
             probabilities = self._collect(data, indices, batch_size, outputs)
             names = _obs_names(data, indices)
         return {
@@ -340,10 +342,12 @@ class SCATLASVAE(CellTyperModel):
         soft: bool = False,
         batch_size: int | None = None,
         label_key: str | None = None,
+        gene_column: str | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """As :meth:`~celltyper.model.base.AnnotationMixin.predict`, from the head of
         ``label_key`` (``None``: the primary key), whose cell types are the columns."""
-        soft_table = self._head_probabilities(adata, indices, batch_size, [label_key])[label_key]
+        heads = self._head_probabilities(adata, indices, batch_size, [label_key], gene_column)
+        soft_table = heads[label_key]
         return soft_table if soft else soft_table.idxmax(axis=1).to_numpy(dtype=object)
 
     def predict_all_keys(
@@ -351,10 +355,14 @@ class SCATLASVAE(CellTyperModel):
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        gene_column: str | None = None,
     ) -> pd.DataFrame:
-        """Predictions of every label key's head: one column per key, indexed by cell."""
+        """Predictions of every label key's head: one column per key, indexed by cell
+        (``gene_column`` as in :meth:`predict`)."""
         self._label_index(None)  # raises for an atlas without label keys
-        tables = self._head_probabilities(adata, indices, batch_size, self.labels_keys)
+        tables = self._head_probabilities(
+            adata, indices, batch_size, self.labels_keys, gene_column
+        )
         return pd.DataFrame(
             {k: t.idxmax(axis=1).astype(pd.CategoricalDtype(t.columns)) for k, t in tables.items()}
         )

@@ -387,6 +387,7 @@ class SCPRETRAIN(CellTyperModel):
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        gene_column: str | None = None,
     ) -> np.ndarray:
         """The encoder's representation of each cell, ``(n_cells, n_latent)``.
 
@@ -395,8 +396,8 @@ class SCPRETRAIN(CellTyperModel):
         in :meth:`predict`.
         """
         if not self.is_pretrained_:
-            return super().get_latent_representation(adata, indices, batch_size)
-        with self._model_data(adata) as data:
+            return super().get_latent_representation(adata, indices, batch_size, gene_column)
+        with self._model_data(adata, gene_column=gene_column) as data:
             return self._collect(data, indices, batch_size, {"z": self.module.embed})["z"]
 
     def evaluate(

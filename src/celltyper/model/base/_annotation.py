@@ -62,8 +62,14 @@ class AnnotationMixin(ConfidenceMixin):
         return [str(c) for c in self.registration.cell_types]
 
     @contextmanager
-    def _model_data(self, adata: AnnData | MuData | None, what: str = "adata") -> Iterator:
-        """The registered object to compute on; new data get a temporary aligned copy."""
+    def _model_data(
+        self,
+        adata: AnnData | MuData | None,
+        what: str = "adata",
+        gene_column: str | None = None,
+    ) -> Iterator:
+        """The registered object to compute on; new data get a temporary aligned copy
+        (aligned on ``var[gene_column]`` when given)."""
         if adata is None or adata is self.adata:
             yield self.adata
             return
@@ -77,6 +83,7 @@ class AnnotationMixin(ConfidenceMixin):
             extra_columns=partial(
                 self._extra_obs_columns, self.registry_, keep_new_batches=False, what=what
             ),
+            gene_column=gene_column,
             extra_layers=partial(self._extra_layers, self.registry_, what=what),
         )
         self._validate_anndata(internal)
@@ -115,6 +122,7 @@ class AnnotationMixin(ConfidenceMixin):
         adata: AnnData | MuData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        gene_column: str | None = None,
     ) -> np.ndarray:
         """Latent representation of each cell, ``(n_cells, n_latent)``.
 
@@ -126,9 +134,12 @@ class AnnotationMixin(ConfidenceMixin):
             Positions of the cells to embed; ``None`` embeds all.
         batch_size
             Minibatch size; defaults to ``scvi.settings.batch_size``.
+        gene_column
+            A ``var`` column of ``adata`` with gene names of the model's kind, aligned on
+            instead of ``var_names`` (see :meth:`predict`).
         """
         self._check_if_trained(warn=True)
-        with self._model_data(adata) as data:
+        with self._model_data(adata, gene_column=gene_column) as data:
             out = self._collect(data, indices, batch_size, {"z": self.module.embed})
         return out["z"]
 
@@ -138,6 +149,7 @@ class AnnotationMixin(ConfidenceMixin):
         indices: Sequence[int] | None = None,
         soft: bool = False,
         batch_size: int | None = None,
+        gene_column: str | None = None,
     ) -> np.ndarray | pd.DataFrame:
         """Predicted cell type of each cell.
 
@@ -152,13 +164,18 @@ class AnnotationMixin(ConfidenceMixin):
             indexed by ``obs_names``.
         batch_size
             Minibatch size.
+        gene_column
+            A column of ``adata.var`` holding gene names of the kind the model was trained
+            on, to align on instead of ``adata.var_names``: e.g. ``"gene_ids"`` when the
+            model knows Ensembl IDs and ``adata`` is indexed by symbols. ``adata`` is not
+            changed.
 
         Returns
         -------
         An array of cell-type names, or the probability DataFrame when ``soft=True``.
         """
         self._check_if_trained(warn=True)
-        with self._model_data(adata) as data:
+        with self._model_data(adata, gene_column=gene_column) as data:
             probs = self._collect(data, indices, batch_size, {"p": self._probabilities})["p"]
             names = _obs_names(data, indices)
         if soft:
@@ -172,6 +189,7 @@ class AnnotationMixin(ConfidenceMixin):
         batch_size: int | None = None,
         novelty_threshold: float | None = None,
         majority_voting: bool = False,
+        gene_column: str | None = None,
     ) -> pd.DataFrame:
         """Prediction, confidence, novelty score and novelty flag of each cell.
 
@@ -193,6 +211,9 @@ class AnnotationMixin(ConfidenceMixin):
             Also over-cluster these cells' latent space (Leiden on its neighbour graph,
             through scanpy) and give each cluster its most frequent prediction, as
             CellTypist does: columns ``over_clustering`` and ``majority_voting``.
+        gene_column
+            A ``var`` column of ``adata`` with gene names of the model's kind, aligned on
+            instead of ``var_names`` (see :meth:`predict`).
 
         Returns
         -------
@@ -202,15 +223,21 @@ class AnnotationMixin(ConfidenceMixin):
         majority-voting columns when asked for.
         """
         table, _ = self._annotation_outputs(
-            adata, indices, batch_size, novelty_threshold, majority_voting
+            adata, indices, batch_size, novelty_threshold, majority_voting, gene_column
         )
         return table
 
     def _annotation_outputs(
-        self, adata, indices, batch_size, novelty_threshold, majority_voting=False
+        self,
+        adata,
+        indices,
+        batch_size,
+        novelty_threshold,
+        majority_voting=False,
+        gene_column=None,
     ):
         self._check_if_trained(warn=True)
-        with self._model_data(adata) as data:
+        with self._model_data(adata, gene_column=gene_column) as data:
             out = self._scoring_outputs(data, indices, batch_size)
             names = _obs_names(data, indices)
         probs = softmax(out["logits"] / self.temperature_, axis=1)
@@ -244,6 +271,7 @@ class AnnotationMixin(ConfidenceMixin):
         novelty_threshold: float | None = None,
         batch_size: int | None = None,
         majority_voting: bool = False,
+        gene_column: str | None = None,
     ) -> pd.DataFrame:
         """Write predictions, confidence, novelty and the latent space into ``adata``.
 
@@ -269,6 +297,9 @@ class AnnotationMixin(ConfidenceMixin):
             Minibatch size.
         majority_voting
             Refine the labels by clusters, as in :meth:`annotation_table`.
+        gene_column
+            A ``var`` column of ``adata`` with gene names of the model's kind, aligned on
+            instead of ``var_names`` (see :meth:`predict`); ``var`` is not changed.
 
         Returns
         -------
@@ -287,7 +318,7 @@ class AnnotationMixin(ConfidenceMixin):
                 f"annotate() would overwrite {existing}; pass overwrite=True or another key_added."
             )
         table, latent = self._annotation_outputs(
-            adata, None, batch_size, novelty_threshold, majority_voting
+            adata, None, batch_size, novelty_threshold, majority_voting, gene_column
         )
         if len(table) != target.n_obs:
             raise ValueError("Internal error: prediction count does not match the cells.")

@@ -25,6 +25,7 @@ from celltyper._utils import (
     align_genes,
     check_matrix_values,
     check_not_empty,
+    gene_names,
     get_matrix,
 )
 
@@ -107,6 +108,7 @@ def build_model_data(
     what: str = "query",
     extra_columns: Callable[[pd.DataFrame], dict[str, np.ndarray]] | None = None,
     extra_layers: Callable[[AnnData], dict[str, Any]] | None = None,
+    gene_column: str | None = None,
 ) -> AnnData | MuData:
     """A registered-ready copy of ``data`` aligned to the model's genes and categories.
 
@@ -136,6 +138,10 @@ def build_model_data(
         (e.g. RANKFORMER's context profiles), in the genes of ``rna``; called with the
         user's expression AnnData. They are aligned to the model's genes like the
         expression.
+    gene_column
+        A ``var`` column of ``data``'s expression holding gene names of the kind the model
+        was trained on (e.g. ``"gene_ids"`` for Ensembl IDs), aligned on instead of its
+        ``var_names``; ``data`` itself is not changed.
     """
     rna, obs = split_modality(data, registration.rna_modality)
     check_not_empty(rna, what)
@@ -143,8 +149,9 @@ def build_model_data(
     layer_name = f"layers[{registration.layer!r}]" if registration.layer else "X"
     kind = check_matrix_values(matrix, f"{what}.{layer_name}")
     check_input_kind(kind, input_kind, model_name, f"{what}.{layer_name}")
+    genes = gene_names(rna.var_names, rna.var, gene_column, what)
     aligned, _ = align_genes(
-        matrix, rna.var_names, registration.genes, min_gene_overlap, what=what
+        matrix, genes, registration.genes, min_gene_overlap, what=what, var=rna.var
     )
 
     columns = {}
@@ -159,7 +166,7 @@ def build_model_data(
     var = pd.DataFrame(index=registration.genes.copy())
     layers = {registration.layer: aligned} if registration.layer else {}
     for name, matrix in (extra_layers(rna) if extra_layers is not None else {}).items():
-        layers[name] = _aligned_like_expression(matrix, rna.var_names, registration.genes)
+        layers[name] = _aligned_like_expression(matrix, genes, registration.genes)
     x = None if registration.layer else aligned
     if not registration.is_mudata:
         return AnnData(X=x, obs=cell_obs, var=var, layers=layers)

@@ -29,6 +29,7 @@ class QueryMixin(ArchesMixin):
         unfrozen: bool = False,
         accelerator: str = "auto",
         device: int | str = "auto",
+        gene_column: str | None = None,
     ):
         """Map a query dataset onto a trained reference model (scArches surgery).
 
@@ -55,6 +56,12 @@ class QueryMixin(ArchesMixin):
             Fine-tune every parameter instead of the module's surgery subset.
         accelerator, device
             Where to put the model, as in scvi-tools.
+        gene_column
+            A column of ``query.var`` holding gene names of the kind the reference uses,
+            aligned on instead of ``query.var_names`` (e.g. ``"gene_ids"`` when the
+            reference has Ensembl IDs and the query is indexed by symbols). The query is
+            not changed; pass the same ``gene_column`` to ``annotate``/``predict`` of other
+            objects indexed like it.
 
         Returns
         -------
@@ -89,6 +96,7 @@ class QueryMixin(ArchesMixin):
                 cls._extra_obs_columns, registry, keep_new_batches=True, what="query"
             ),
             extra_layers=partial(cls._extra_layers, registry, what="query"),
+            gene_column=gene_column,
         )
         with safe_scvi_loading():
             model = super().load_query_data(
