@@ -616,3 +616,50 @@ def test_unknown_gene_column_lists_the_var_columns(tmp_path, monkeypatch, capsys
     role = "query" if flag.startswith("--query") else "reference"
     expected = f"{flag} 'gene_ids' is not a column of the {role}'s var; available columns: "
     assert expected + "['symbol']" in capsys.readouterr().err
+
+
+def test_umap_has_a_novelty_panel(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(0)
+    n = 30
+    names = [f"cell{i}" for i in range(n)]
+    query = ad.AnnData(
+        X=sp.csr_matrix((n, 3), dtype=np.float32),
+        obs=pd.DataFrame(index=names),
+        obsm={"X_scnym": rng.normal(size=(n, 4)).astype(np.float32)},
+    )
+    novel = np.zeros(n, dtype=bool)
+    novel[:4] = True
+    table = pd.DataFrame(
+        {
+            "prediction": pd.Categorical(rng.choice(["A", "B"], n), categories=["A", "B"]),
+            "confidence": rng.uniform(size=n),
+            "novelty": rng.uniform(size=n),
+            "novel": novel,
+        },
+        index=names,
+    )
+    truth = pd.Series(rng.choice(["A", "B", "C"], n), index=names)
+    inputs = cli.Inputs(query, query, "cell_type", None, query_labels=truth)
+    drawn = []
+    original = Figure.savefig
+
+    def keep_figure(self, *args, **kwargs):
+        drawn.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_figure)
+    paths = cli.write_outputs(inputs, table, tmp_path, "scnym")
+    assert paths["umap"].is_file()
+    (figure,) = drawn
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    novelty = f"scnym_novel: 4 of {n} flagged"
+    assert titles == ["scnym", "scnym_confidence", novelty, "cell_type (true)"]
+    panel = next(ax for ax in figure.axes if ax.get_title() == novelty)
+    legend = [text.get_text() for text in panel.get_legend().get_texts()]
+    assert legend == ["known (26)", "novel (4)"]
+    # The flagged cells are drawn last, in red, on top of the others.
+    last = panel.collections[-1]
+    assert len(last.get_offsets()) == 4
+    assert tuple(last.get_facecolors()[0][:3]) == pytest.approx((0.839, 0.153, 0.157), abs=1e-3)

@@ -11,6 +11,9 @@ import pandas as pd
 
 from ._common import Inputs, say
 
+#: The novelty panel of umap.png: known cells faint, flagged cells on top in red.
+NOVELTY_COLORS = {"known": "#d3d3d3", "novel": "#d62728"}
+
 
 def score_predictions(inputs: Inputs, table: pd.DataFrame, cell_types: list[str]) -> dict:
     """Scores of the predictions on query cells with a known label (printed).
@@ -76,6 +79,10 @@ def write_outputs(
     extra_uns
         Stored as ``uns["celltyper"]`` of ``annotated.h5ad`` (strings and numbers only).
 
+    ``umap.png`` has one panel each for the prediction, the confidence and the novelty
+    flag (flagged cells in red, with their number in the title), then the true labels when
+    the query has them.
+
     Returns
     -------
     The paths written, by name (``"csv"``, ``"h5ad"``, ``"umap"``); ``"umap"`` is missing
@@ -108,9 +115,12 @@ def write_outputs(
 
     # Shared categories give a cell type the same colour in the predicted and true panels.
     known_types = list(table["prediction"].cat.categories)
+    novel = table["novel"].to_numpy(dtype=bool)
+    novelty_panel = f"{key}_novel: {int(novel.sum()):,} of {len(novel):,} flagged"
     columns = {
         key: pd.Categorical(table["prediction"].to_numpy(), categories=known_types),
         f"{key}_confidence": table["confidence"].to_numpy(),
+        novelty_panel: np.where(novel, "novel", "known"),
     }
     if truth is not None:
         unseen = sorted(set(truth.dropna()) - set(known_types))
@@ -122,7 +132,13 @@ def write_outputs(
         obsm={f"X_{key}": np.asarray(query.obsm[f"X_{key}"])},
     )
     try:
-        paths["umap"] = latent_umap(plot_data, f"X_{key}", list(columns), out / "umap.png")
+        paths["umap"] = latent_umap(
+            plot_data,
+            f"X_{key}",
+            list(columns),
+            out / "umap.png",
+            colors={novelty_panel: NOVELTY_COLORS},
+        )
     except Exception as err:  # a failed plot must not lose the predictions written above
         print(f"warning: could not draw the UMAP: {err}", file=sys.stderr, flush=True)
     say("Writing", ", ".join(str(p) for p in paths.values()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anndata
@@ -25,6 +25,7 @@ def latent_umap(
     path: str | Path,
     n_neighbors: int = 15,
     random_state: int = 0,
+    colors: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
     """Draw a UMAP of a latent representation, one panel per ``obs`` column.
 
@@ -49,6 +50,11 @@ def latent_umap(
         Number of neighbours of the kNN graph the UMAP is built from.
     random_state
         Seed for the neighbour search and the UMAP layout, for reproducible plots.
+    colors
+        Fixed colours of a categorical column's categories, ``{column: {category:
+        colour}}`` (e.g. ``{"novel": {"known": "lightgrey", "novel": "red"}}``). Such a
+        column is drawn category by category in the given order, so the last one (the
+        cells to spot) lies on top.
 
     Returns
     -------
@@ -115,9 +121,12 @@ def latent_umap(
     fig = Figure(figsize=(_PANEL_SIZE[0] * len(columns), _PANEL_SIZE[1]), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    fixed = dict(colors or {})
     for ax, column in zip(axes, columns, strict=True):
         values = light.obs[column]
-        if _is_numeric(values):
+        if column in fixed:
+            _draw_highlighted(ax, coords[order], values.iloc[order], fixed[column], point_size)
+        elif _is_numeric(values):
             _draw_numeric(fig, ax, coords[order], values.to_numpy(dtype=float)[order], point_size)
         else:
             _draw_categorical(ax, coords[order], values.iloc[order], point_size)
@@ -182,6 +191,34 @@ def _draw_categorical(ax: Axes, coords: np.ndarray, values: pd.Series, size: flo
         frameon=False,
         fontsize="small",
         ncols=1 if len(handles) <= 14 else 2,
+    )
+
+
+def _draw_highlighted(
+    ax: Axes, coords: np.ndarray, values: pd.Series, colors: Mapping[str, str], size: float
+) -> None:
+    """Scatter a column whose categories have fixed colours, the last category on top."""
+    labels = values.astype(str).to_numpy()
+    handles = []
+    for category, color in colors.items():
+        members = labels == str(category)
+        ax.scatter(*coords[members].T, s=size, c=color, linewidths=0)
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                color=color,
+                label=f"{category} ({members.sum():,})",
+            )
+        )
+    ax.legend(
+        handles=handles,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        frameon=False,
+        fontsize="small",
     )
 
 
