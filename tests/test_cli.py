@@ -387,6 +387,27 @@ def test_a_run_prints_no_third_party_noise(tmp_path):
     output = done.stdout + done.stderr
     for noise in ("GPU available", "litlogger", "LeafSpec", "attempting to transfer AnnData"):
         assert noise not in output, noise
+    assert "Signaling Trainer to stop" not in output
+    assert "\x1b[" not in output, "raw ANSI codes in output that is not a terminal"
+
+
+def test_early_stopping_print_becomes_our_note_and_the_rest_passes_live(capsys):
+    import io
+
+    from celltyper.cli._run import _third_party_prints
+
+    with _third_party_prints() as printed:
+        print("Epoch 3/100: 3%|", end="\r")
+        assert "Epoch 3/100" in capsys.readouterr().out  # passed on at once, not held
+        print(
+            "Monitored metric validation_loss did not improve in the last 20 records. "
+            "Best score: 0.283. Signaling Trainer to stop."
+        )
+        print("a line of someone else's")
+        assert isinstance(printed.encoding, str) and not isinstance(printed, io.StringIO)
+    out = capsys.readouterr().out
+    assert printed.early_stopped
+    assert out == "a line of someone else's\n"
 
 
 # -- --context-layer: RANKFORMER's paired mode ---------------------------------------------------

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -199,7 +199,7 @@ def run_annotation(
     if fitted.training_interrupted_:
         # train() keeps a usable model; a command must not report an unfinished run.
         raise Terminated() if "SIGTERM" in fitted._interruption else KeyboardInterrupt()
-    stopped = " (early stopping)" if _EARLY_STOP in printed.getvalue() else ""
+    stopped = " (early stopping)" if printed.early_stopped else ""
     say("", f"training finished in {time.perf_counter() - start:.1f} s{stopped}")
 
     say("Predicting", f"{inputs.query.n_obs:,} query cells")
@@ -219,21 +219,36 @@ def run_annotation(
 _EARLY_STOP = "Signaling Trainer to stop"
 
 
-@contextmanager
-def _third_party_prints() -> Iterator[io.StringIO]:
-    """Hold back what training prints to stdout, and pass on what is not known noise.
+class _StdoutFilter:
+    """Standard output that drops scvi-tools' early-stopping message and passes the rest.
 
-    scvi-tools' early stopping prints its reason when a fit ends; the command says it in
-    its own words. The progress bar writes to stderr and is not affected.
+    Everything else, the progress bar included (Lightning draws it on stdout), goes
+    through at once; the command reports the early stop in its own words.
     """
-    printed = io.StringIO()
-    try:
-        with redirect_stdout(printed):
-            yield printed
-    finally:
-        for line in printed.getvalue().splitlines():
-            if line.strip() and _EARLY_STOP not in line:
-                print(line, flush=True)
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.early_stopped = False
+        self._dropped_last = False
+
+    def write(self, text: str) -> int:
+        # print() writes the message, then its line end in a second call.
+        dropped = _EARLY_STOP in text or (self._dropped_last and text == "\n")
+        self.early_stopped = self.early_stopped or _EARLY_STOP in text
+        self._dropped_last = dropped
+        return len(text) if dropped else self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        # flush, isatty, encoding, fileno, ...: the real stream's.
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _third_party_prints() -> Iterator[_StdoutFilter]:
+    """Filter what training prints to stdout (see :class:`_StdoutFilter`)."""
+    filtered = _StdoutFilter(sys.stdout)
+    with redirect_stdout(filtered):
+        yield filtered
 
 
 #: Third-party lines that say nothing to a user of the command: Lightning's device and
