@@ -25,6 +25,9 @@ TASKS = ("transfer", "novelty", "label_efficiency", "integration")
 #: ``seurat_v3`` ranks genes on the raw counts; ``seurat`` (scanpy's default) on
 #: log1p(CP10k), as a user following scanpy's tutorial would.
 HVG_FLAVORS = ("seurat_v3", "seurat")
+#: What a file's ``X`` holds: raw counts, or log2(x + 1) of normalised values (scClassify's
+#: pancreas subsets), which :func:`pseudo_counts` turns back into integer counts.
+X_KINDS = ("counts", "log2_normalised")
 
 #: Subset sizes of ``--quick`` (cells per split, genes): enough for every metric.
 QUICK_REFERENCE, QUICK_QUERY, QUICK_HVG = 240, 360, 300
@@ -57,6 +60,7 @@ class TaskSpec:
     n_hvg: int = 2000
     hvg_batch_key: str | None = None
     hvg_flavor: str = "seurat_v3"
+    x: str = "counts"
     in_quick: bool = True
     reference: Split | None = None
     query: Split | None = None
@@ -95,7 +99,7 @@ class TaskSpec:
         known = {
             "name", "file", "label_key", "batch_key", "tasks", "description", "unlabelled",
             "n_hvg", "hvg_batch_key", "hvg_flavor", "quick", "reference", "query",
-            "max_unlabelled_query", *TASKS,
+            "max_unlabelled_query", "x", *TASKS,
         }  # fmt: skip
         extra = sorted(set(raw) - known)
         if extra:
@@ -111,6 +115,7 @@ class TaskSpec:
             n_hvg=int(raw.get("n_hvg", 2000)),
             hvg_batch_key=raw.get("hvg_batch_key"),
             hvg_flavor=_hvg_flavor(raw.get("hvg_flavor", "seurat_v3"), where),
+            x=_x_kind(raw.get("x", "counts"), where),
             in_quick=bool(raw.get("quick", True)),
             reference=reference,
             query=query,
@@ -125,6 +130,30 @@ def _hvg_flavor(flavor: str, where: str) -> str:
     if flavor not in HVG_FLAVORS:
         raise ValueError(f"{where}: hvg_flavor must be one of {HVG_FLAVORS}, got {flavor!r}.")
     return flavor
+
+
+def _x_kind(kind: str, where: str) -> str:
+    if kind not in X_KINDS:
+        raise ValueError(f"{where}: x must be one of {X_KINDS}, got {kind!r}.")
+    return kind
+
+
+def pseudo_counts(log2_values: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+    """Integer counts from log2(x + 1) of normalised values.
+
+    Each cell's values are divided by its smallest detected value, so that the rarest
+    detected gene reads one count, as in a UMI table, and rounded. The scale of each cell
+    is lost with the normalisation; the models that read counts normalise it away.
+    """
+    values = sp.csr_matrix(log2_values, dtype=np.float64, copy=True)
+    values.data = np.exp2(values.data) - 1.0
+    values.eliminate_zeros()
+    for row in range(values.shape[0]):
+        start, stop = values.indptr[row], values.indptr[row + 1]
+        if stop > start:
+            chunk = values.data[start:stop]
+            values.data[start:stop] = np.maximum(np.rint(chunk / chunk.min()), 1.0)
+    return values.astype(np.float32)
 
 
 def _split(raw: dict | None, where: str) -> Split | None:
@@ -163,7 +192,8 @@ def load_specs(items: list[str] | None) -> list[TaskSpec]:
 def prepare(spec: TaskSpec, data_dir: Path, quick: bool = False, seed: int = 0) -> ad.AnnData:
     """The AnnData every method trains on, from a spec.
 
-    ``X`` holds the raw counts of the selected genes. ``obs`` gains ``true_label``
+    ``X`` holds the raw counts of the selected genes (pseudo-counts for a spec whose
+    ``x`` is ``"log2_normalised"``, see :func:`pseudo_counts`). ``obs`` gains ``true_label``
     (``"Unknown"`` for unlabelled cells), ``train_label`` (the labels the methods may
     use: reference labels for a transfer task, every label for integration),
     ``is_reference``, ``scored`` (labelled query cells of types the reference has;
@@ -191,7 +221,9 @@ def prepare(spec: TaskSpec, data_dir: Path, quick: bool = False, seed: int = 0) 
     adata = full[keep].copy()
     del full
     is_ref, labelled = is_ref[keep], labelled[keep]
-    if not sp.issparse(adata.X):
+    if spec.x == "log2_normalised":
+        adata.X = pseudo_counts(adata.X)
+    elif not sp.issparse(adata.X):
         adata.X = sp.csr_matrix(adata.X)
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).reshape(-1)
     true = adata.obs[spec.label_key].astype(object)

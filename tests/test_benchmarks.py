@@ -16,11 +16,12 @@ import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 from benchmarks._methods import PEERS, FitInput, Method, all_methods
 from benchmarks._report import METRICS, best_vs_peer, markdown_report, summarise
 from benchmarks._runner import Unit, evaluate, plan_units, run_benchmark, unit_data
 from benchmarks._shims import OneVsRestLogisticRegression, celltypist_train
-from benchmarks._specs import TaskSpec, builtin_specs, load_specs, prepare
+from benchmarks._specs import TaskSpec, builtin_specs, load_specs, prepare, pseudo_counts
 from conftest import make_counts_adata
 
 SYNTHETIC_SPEC = """
@@ -62,6 +63,18 @@ def synthetic_spec(tmp_path) -> TaskSpec:
     return TaskSpec.from_toml(path)
 
 
+def test_pseudo_counts_invert_log2_normalised_values():
+    counts = np.array([[0, 2, 6, 1], [3, 0, 0, 9]], dtype=float)
+    scaled = counts / counts.sum(axis=1, keepdims=True) * 1e4  # normalised, then log2(x + 1)
+    rebuilt = pseudo_counts(sp.csr_matrix(np.log2(scaled + 1)))
+    np.testing.assert_array_equal(rebuilt.toarray(), [[0, 2, 6, 1], [1, 0, 0, 3]])
+
+
+def test_spec_rejects_an_unknown_x_kind():
+    with pytest.raises(ValueError, match="x must be one of"):
+        TaskSpec.from_dict({**tomllib.loads(SYNTHETIC_SPEC), "x": "log1p"})
+
+
 def test_builtin_specs_parse():
     specs = builtin_specs()
     assert set(specs) == {
@@ -70,7 +83,10 @@ def test_builtin_specs_parse():
         "kang_integration",
         "kang_whole_object",
         "baron_human_to_mouse",
+        "baron_mouse_to_human",
+        "wang_to_xin",
     }
+    assert specs["wang_to_xin"].x == "log2_normalised" and specs["kang_ctrl_to_stim"].x == "counts"
     # The whole-object protocol: every cell, scanpy's default HVG flavour, not in --quick.
     whole = specs["kang_whole_object"]
     assert not whole.reference_labelled_only and whole.max_unlabelled_query is None

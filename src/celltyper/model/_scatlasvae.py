@@ -104,7 +104,7 @@ class SCATLASVAE(CellTyperModel):
     :class:`~celltyper.train.SCATLASVAETrainingPlan`'s ``n_epochs_prediction=None`` (the
     heads train throughout; an integer: only in the last epochs, as published),
     scvi-tools' ``n_epochs_kl_warmup=400`` and ``max_kl_weight=1``, Adam (``lr=1e-3``, no
-    weight decay) and ``mmd_weight=0``.
+    weight decay) and ``mmd_weight=30`` (MMD between batches in the latent space).
     """
 
     _module_cls = SCATLASVAEModule
