@@ -119,10 +119,10 @@ def _make_query(raw_data, *, drop_fraction=0.1, seed=1):
     return query[:, keep].copy()
 
 
+@pytest.mark.parametrize("model_cls", ["RANKFORMER-paired"], indirect=True)
 def test_paired_variant_reads_the_context(trained):
     model, adata = trained
-    if not isinstance(model, PairedRANKFORMER):
-        pytest.skip("a paired-mode check")
+    assert isinstance(model, PairedRANKFORMER)
     assert model.is_paired and model.module.segment_embedding is not None
     other = adata.copy()
     other.layers[PREVIOUS] = other.layers[PREVIOUS][::-1]
