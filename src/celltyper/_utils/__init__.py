@@ -9,7 +9,17 @@ from ._genes import (
     gene_kind_advice,
     gene_names,
 )
-from ._matrix import dense_float32, log1p_scaled_counts, row_totals
+from ._matrix import (
+    CHUNK_VALUES,
+    default_chunk_size,
+    dense_float32,
+    is_in_memory,
+    iter_row_chunks,
+    log1p_scaled_counts,
+    n_columns,
+    n_rows,
+    row_totals,
+)
 from ._seed import seeded
 from ._validation import (
     InputKind,
@@ -22,6 +32,7 @@ from ._validation import (
 )
 
 __all__ = [
+    "CHUNK_VALUES",
     "GeneOverlap",
     "InputKind",
     "align_genes",
@@ -30,12 +41,17 @@ __all__ = [
     "check_not_empty",
     "check_obs_key",
     "columns_holding",
+    "default_chunk_size",
     "dense_float32",
     "gene_identifier_type",
     "gene_kind_advice",
     "gene_names",
     "get_matrix",
+    "is_in_memory",
+    "iter_row_chunks",
     "log1p_scaled_counts",
+    "n_columns",
+    "n_rows",
     "require_counts",
     "row_totals",
     "seeded",

@@ -9,6 +9,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ._matrix import is_in_memory, iter_row_chunks
+
 InputKind = Literal["counts", "normalized"]
 
 _N_ROWS_SAMPLED = 5000
@@ -30,7 +32,7 @@ def get_matrix(adata: AnnData, layer: str | None, what: str = "adata"):
 def _stored_values(matrix) -> np.ndarray:
     if sparse.issparse(matrix):
         return np.asarray(matrix.data)
-    return np.asarray(matrix)
+    return np.asarray(matrix).reshape(-1)
 
 
 def check_not_empty(adata: AnnData, what: str = "adata") -> None:
@@ -43,32 +45,72 @@ def check_not_empty(adata: AnnData, what: str = "adata") -> None:
 def check_matrix_values(matrix, what: str = "adata.X") -> InputKind:
     """Reject NaN, infinite and negative values; tell raw counts from normalised data.
 
+    A matrix on disk (a backed AnnData, an ``AnnCollection`` layer) is read in blocks of
+    consecutive rows (:func:`~celltyper._utils.iter_row_chunks`), never whole.
+
     Returns
     -------
     ``"counts"`` when every value (in a sample of up to 5,000 cells) is a non-negative
     integer, else ``"normalized"``.
     """
+    if not is_in_memory(matrix):
+        return _check_chunked_values(matrix, what)
     values = _stored_values(matrix)
+    _check_values(values, what)
+    _raise_bad_values(*_bad_value_counts(values), what)
+    rows = matrix[:_N_ROWS_SAMPLED]
+    return _kind_of(_stored_values(rows))
+
+
+def _check_values(values: np.ndarray, what: str) -> None:
     if not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"{what} holds non-numeric values ({values.dtype}).")
-    finite = np.isfinite(values)
-    if not finite.all():
+
+
+def _bad_value_counts(values: np.ndarray) -> tuple[int, int, float]:
+    """NaN count, infinite count and smallest finite value (``inf`` when none)."""
+    n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if n_bad:  # reported before any other problem
         n_nan = int(np.isnan(values).sum())
-        n_inf = int((~finite).sum()) - n_nan
+        return n_nan, n_bad - n_nan, np.inf
+    return 0, 0, float(values.min()) if values.size else np.inf
+
+
+def _raise_bad_values(n_nan: int, n_inf: int, smallest: float, what: str) -> None:
+    if n_nan or n_inf:
         raise ValueError(
             f"{what} contains {n_nan} NaN and {n_inf} infinite values; remove or impute them "
             "before setting up the model."
         )
-    if values.size and values.min() < 0:
+    if smallest < 0:
         raise ValueError(
-            f"{what} contains negative values (min {values.min():.3g}): it looks scaled or "
+            f"{what} contains negative values (min {smallest:.3g}): it looks scaled or "
             "centred. Give raw counts (or log-normalised values for models that accept them)."
         )
-    rows = matrix[:_N_ROWS_SAMPLED]
-    sample = _stored_values(rows)
+
+
+def _kind_of(sample: np.ndarray) -> InputKind:
     if sample.size == 0 or np.all(np.abs(sample - np.round(sample)) < 1e-6):
         return "counts"
     return "normalized"
+
+
+def _check_chunked_values(matrix, what: str) -> InputKind:
+    """:func:`check_matrix_values` of a matrix on disk, one block of rows at a time."""
+    n_nan = n_inf = 0
+    smallest = np.inf
+    kind: InputKind = "counts"
+    for start, stop, block in iter_row_chunks(matrix, dense=False):
+        values = _stored_values(block)
+        _check_values(values, what)
+        nan, inf, low = _bad_value_counts(values)
+        n_nan, n_inf, smallest = n_nan + nan, n_inf + inf, min(smallest, low)
+        if start < _N_ROWS_SAMPLED and kind == "counts":
+            sampled = block[: _N_ROWS_SAMPLED - start] if stop > _N_ROWS_SAMPLED else block
+            sample = _stored_values(sampled)
+            kind = _kind_of(sample[np.isfinite(sample)])
+    _raise_bad_values(n_nan, n_inf, smallest, what)
+    return kind
 
 
 def require_counts(kind: InputKind, model_name: str, what: str = "adata.X") -> None:

@@ -13,6 +13,7 @@ from scvi import REGISTRY_KEYS
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from celltyper._utils import is_in_memory
 from celltyper.nn import kmeans
 
 #: Minibatch keys of :class:`PseudoLabelDataModule` besides the expression.
@@ -60,7 +61,8 @@ def kmeans_pseudo_labels(
     Parameters
     ----------
     features
-        Rows to cluster, cells x features (dense, sparse or a tensor).
+        Rows to cluster, cells x features: dense, sparse, a tensor, or a matrix on disk
+        (backed AnnData, ``AnnCollection`` layer), read in blocks of consecutive rows.
     datasets
         Dataset code ``0 .. D-1`` of each cell; each dataset is clustered on its own.
     dataset_names
@@ -84,7 +86,9 @@ def kmeans_pseudo_labels(
     records = []
     for d, name in enumerate(dataset_names):
         members = np.flatnonzero(datasets == d)
-        rows = features[members]
+        # A matrix on disk is read block by block inside kmeans, never subset whole.
+        in_memory = isinstance(features, Tensor) or is_in_memory(features)
+        rows, selection = (features[members], None) if in_memory else (features, members)
         sizes.append([])
         for r, per_cluster in enumerate(resolutions):
             k = n_clusters_for(len(members), per_cluster)
@@ -92,6 +96,7 @@ def kmeans_pseudo_labels(
             result = kmeans(
                 rows,
                 k,
+                rows=selection,
                 transform=transform,
                 seed=k_seed,
                 device=device,
@@ -120,7 +125,10 @@ class _PseudoLabelledRows(torch.utils.data.Dataset):
     """Cells as minibatch dicts: expression row, dataset code and pseudo-labels."""
 
     def __init__(self, matrix, datasets: np.ndarray, pseudo_labels: np.ndarray):
-        self.matrix = sparse.csr_matrix(matrix) if sparse.issparse(matrix) else matrix
+        # A matrix on disk stays there: each minibatch reads its rows.
+        self.on_disk = not is_in_memory(matrix)
+        in_memory_sparse = not self.on_disk and sparse.issparse(matrix)
+        self.matrix = sparse.csr_matrix(matrix) if in_memory_sparse else matrix
         self.datasets = torch.as_tensor(np.asarray(datasets), dtype=torch.long)
         self.pseudo_labels = torch.as_tensor(np.asarray(pseudo_labels), dtype=torch.long)
 
@@ -133,6 +141,8 @@ class _PseudoLabelledRows(torch.utils.data.Dataset):
     def collate(self, indices: list[int]) -> dict[str, Tensor]:
         # One sparse slice per minibatch instead of one per cell.
         order = np.asarray(indices)
+        if self.on_disk:  # files are read in increasing row order
+            order = np.sort(order)
         rows = self.matrix[order]
         rows = rows.toarray() if sparse.issparse(rows) else np.asarray(rows)
         return {

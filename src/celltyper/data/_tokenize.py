@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from scipy import sparse
 from torch import Tensor
 
+from celltyper._utils import is_in_memory, iter_row_chunks, n_columns
+
 PAD_TOKEN = 0
 CLS_TOKEN = 1
 MASK_TOKEN = 2
@@ -75,36 +77,50 @@ def _row_normalize(x: Tensor, target_sum: float) -> Tensor:
 
 
 def nonzero_gene_medians(
-    matrix, target_sum: float = TOKENIZE_TARGET_SUM, chunk_size: int = 8192
+    matrix,
+    target_sum: float = TOKENIZE_TARGET_SUM,
+    chunk_size: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Median of each gene's non-zero values after ``normalize_total``.
 
     Parameters
     ----------
     matrix
-        Cells x genes raw counts (dense or sparse), usually the reference cells.
+        Cells x genes raw counts, usually the reference cells: dense or sparse in memory,
+        or on disk (a backed AnnData's matrix, an ``AnnCollection`` layer), which is read
+        in blocks of consecutive rows and never held whole.
     target_sum
         Total each cell is scaled to first.
     chunk_size
-        Cells normalised at a time (bounds the memory of dense inputs).
+        Cells normalised at a time (bounds the memory of dense inputs); ``None``: 8,192
+        in memory, :func:`~celltyper._utils.default_chunk_size` on disk.
+    rows
+        Increasing positions of the cells to use; ``None`` uses every cell.
 
     Returns
     -------
     ``(n_genes,)`` float64 medians; 1.0 for a gene never expressed (it can only become a
     token in new data, and then ranks by its plain normalised value).
+
+    Notes
+    -----
+    In memory, every non-zero value is kept and sorted once. On disk, the same medians
+    (exactly) come from three reads of the matrix: two narrow, per gene, the range of
+    values holding the middle ones with histograms, the last collects the distinct
+    values of that range.
     """
+    if not is_in_memory(matrix):
+        return _streamed_nonzero_gene_medians(matrix, target_sum, chunk_size, rows)
+    if rows is not None:
+        matrix = matrix[np.asarray(rows)]
+    chunk_size = 8192 if chunk_size is None else chunk_size
     rows, cols, vals = [], [], []
     for start in range(0, matrix.shape[0], chunk_size):
-        block = matrix[start : start + chunk_size]
-        block = sparse.csr_matrix(block, dtype=np.float64)
-        totals = np.asarray(block.sum(axis=1)).reshape(-1)
-        totals[totals == 0] = 1.0
-        block = sparse.diags(target_sum / totals) @ block
-        block.eliminate_zeros()
-        coo = block.tocoo()
-        rows.append(coo.row + start)
-        cols.append(coo.col)
-        vals.append(coo.data)
+        block = _normalized_block(matrix[start : start + chunk_size], target_sum).tocoo()
+        rows.append(block.row + start)
+        cols.append(block.col)
+        vals.append(block.data)
     n_genes = matrix.shape[1]
     cols_all = np.concatenate(cols) if cols else np.array([], dtype=np.int64)
     vals_all = np.concatenate(vals) if vals else np.array([], dtype=np.float64)
@@ -121,6 +137,118 @@ def nonzero_gene_medians(
     low = starts[present] + (counts[present] - 1) // 2
     high = starts[present] + counts[present] // 2
     medians[present] = 0.5 * (vals_sorted[low] + vals_sorted[high])
+    return medians
+
+
+def _normalized_block(block, target_sum: float) -> sparse.csr_matrix:
+    """Rows scaled to ``target_sum`` (float64 CSR, explicit zeros dropped)."""
+    block = sparse.csr_matrix(block, dtype=np.float64)
+    totals = np.asarray(block.sum(axis=1)).reshape(-1)
+    totals[totals == 0] = 1.0
+    block = (sparse.diags(target_sum / totals) @ block).tocsr()
+    block.eliminate_zeros()
+    return block
+
+
+#: Histogram bins of each narrowing read of :func:`_streamed_nonzero_gene_medians`.
+_MEDIAN_BINS = 1024
+#: Narrowing reads before the distinct values of the remaining ranges are collected.
+_MEDIAN_LEVELS = 2
+
+
+class _ValueRanges:
+    """Per gene, nested ranges of log2 values known to hold the middle values.
+
+    Level ``i`` splits ``[low_i, high_i)`` of each gene into ``_MEDIAN_BINS`` bins and keeps
+    bins ``first_i .. last_i``; a value is inside when it falls in the kept bins of every
+    level. Bins are always recomputed with the same arithmetic, so a value's membership
+    never depends on how edges round.
+    """
+
+    def __init__(self, n_genes: int, low: float, high: float):
+        self.levels: list[tuple[np.ndarray, ...]] = []
+        self.low = np.full(n_genes, low)
+        self.high = np.full(n_genes, high)
+        self.below = np.zeros(n_genes, dtype=np.int64)
+
+    @staticmethod
+    def bins(x: np.ndarray, genes: np.ndarray, low: np.ndarray, high: np.ndarray):
+        width = high[genes] - low[genes]
+        position = np.floor((x - low[genes]) / np.where(width > 0, width, 1.0) * _MEDIAN_BINS)
+        return np.clip(position, 0, _MEDIAN_BINS - 1).astype(np.int64)
+
+    def inside(self, x: np.ndarray, genes: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(x), dtype=bool)
+        for low, high, first, last in self.levels:
+            b = self.bins(x, genes, low, high)
+            keep &= (b >= first[genes]) & (b <= last[genes])
+        return keep
+
+    def narrow(self, histogram: np.ndarray, ranks: tuple[np.ndarray, np.ndarray]) -> None:
+        """Keep, per gene, the bins holding the values of rank ``ranks`` (overall)."""
+        cumulative = histogram.cumsum(axis=1)
+        first = (cumulative > (ranks[0] - self.below)[:, None]).argmax(axis=1)
+        last = (cumulative > (ranks[1] - self.below)[:, None]).argmax(axis=1)
+        genes = np.arange(len(first))
+        self.below = self.below + np.where(first > 0, cumulative[genes, first - 1], 0)
+        width = self.high - self.low
+        self.levels.append((self.low, self.high, first, last))
+        self.low, self.high = (
+            self.low + width * first / _MEDIAN_BINS,
+            self.low + width * (last + 1) / _MEDIAN_BINS,
+        )
+
+
+def _streamed_nonzero_gene_medians(matrix, target_sum, chunk_size, rows) -> np.ndarray:
+    """Exact :func:`nonzero_gene_medians` of a matrix on disk, in three reads."""
+    n_genes = n_columns(matrix)
+
+    def nonzeros():
+        for _, _, block in iter_row_chunks(matrix, chunk_size, rows=rows, dense=False):
+            block = _normalized_block(block, target_sum)
+            yield block.indices.astype(np.int64), block.data
+
+    counts = np.zeros(n_genes, dtype=np.int64)
+    # Counts never exceed their cell's total: every value is at most target_sum.
+    ranges = _ValueRanges(n_genes, np.log2(target_sum) - 64.0, np.log2(target_sum) + 1.0)
+    for level in range(_MEDIAN_LEVELS):
+        histogram = np.zeros(n_genes * _MEDIAN_BINS, dtype=np.int64)
+        for genes, values in nonzeros():
+            if level == 0:
+                counts += np.bincount(genes, minlength=n_genes)
+            x = np.log2(values)
+            keep = ranges.inside(x, genes)
+            genes, x = genes[keep], x[keep]
+            flat = genes * _MEDIAN_BINS + ranges.bins(x, genes, ranges.low, ranges.high)
+            histogram += np.bincount(flat, minlength=histogram.size)
+        ranks = ((counts - 1) // 2, counts // 2)
+        ranges.narrow(histogram.reshape(n_genes, _MEDIAN_BINS), ranks)
+    # The distinct values left in each gene's range, with their multiplicity.
+    parts = []
+    for genes, values in nonzeros():
+        keep = ranges.inside(np.log2(values), genes)
+        pairs = np.stack([genes[keep].astype(np.float64), values[keep]])
+        parts.append(np.unique(pairs, axis=1, return_counts=True))
+    medians = np.ones(n_genes, dtype=np.float64)
+    present = counts > 0
+    if not present.any():
+        return medians
+    pairs = np.concatenate([p[0] for p in parts], axis=1)
+    multiplicity = np.concatenate([p[1] for p in parts])
+    pairs, inverse = np.unique(pairs, axis=1, return_inverse=True)
+    multiplicity = np.bincount(inverse.reshape(-1), weights=multiplicity).astype(np.int64)
+    genes, values = pairs[0].astype(np.int64), pairs[1]  # sorted by gene, then value
+    start_of_gene = np.searchsorted(genes, np.arange(n_genes))
+    cumulative = np.cumsum(multiplicity)
+    before_gene = np.where(start_of_gene > 0, cumulative[start_of_gene - 1], 0)
+
+    def value_at(rank: np.ndarray) -> np.ndarray:
+        # Position of the first pair whose running count passes the rank, within its gene.
+        target = before_gene[present] + (rank[present] - ranges.below[present])
+        return values[np.searchsorted(cumulative, target, side="right")]
+
+    low, high = ranks
+    medians[present] = 0.5 * (value_at(low) + value_at(high))
     return medians
 
 

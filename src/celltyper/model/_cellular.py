@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from anndata import AnnData
 from mudata import MuData
+from scipy import sparse
 from scvi import REGISTRY_KEYS
-from sklearn.decomposition import PCA
+from sklearn.decomposition import PCA, IncrementalPCA
 
-from celltyper._utils import dense_float32, log1p_scaled_counts, row_totals
+from celltyper._utils import (
+    dense_float32,
+    is_in_memory,
+    iter_row_chunks,
+    log1p_scaled_counts,
+    row_totals,
+)
 from celltyper.data import LabelledUnlabelledSplitter
 from celltyper.module import CELLULARModule
 from celltyper.train import (
@@ -41,10 +48,71 @@ def centroid_distances(x: np.ndarray, labels: np.ndarray, n_labels: int, seed: i
     centroids = np.zeros((n_labels, n_components))
     for code in np.unique(labels):
         centroids[code] = scores[labels == code].mean(axis=0)
+    return _pairwise_distances(centroids, np.isin(np.arange(n_labels), labels))
+
+
+def _pairwise_distances(centroids: np.ndarray, present: np.ndarray) -> np.ndarray:
     diff = centroids[:, None, :] - centroids[None, :, :]
     distances = np.sqrt((diff**2).sum(axis=-1))
-    present = np.isin(np.arange(n_labels), labels)
     return distances * (present[:, None] & present[None, :])
+
+
+def streamed_centroid_distances(
+    blocks: Iterable[tuple[int, int, np.ndarray]],
+    labels: np.ndarray,
+    n_labels: int,
+    n_features: int,
+) -> np.ndarray:
+    """:func:`centroid_distances` of data read block by block (a matrix on disk).
+
+    The PCA is scikit-learn's ``IncrementalPCA``, fitted on batches of consecutive cells
+    (at least ``5 x`` the components each); the centroids are the class means of the
+    inputs, projected, as the PCA is linear. The class means are exact; the components
+    match those of :func:`centroid_distances` closely but not bit for bit.
+
+    Parameters
+    ----------
+    blocks
+        ``(start, stop, x)``: dense rows ``start:stop`` of the cells, in order.
+    labels
+        Label code of every cell.
+    n_labels
+        Number of classes.
+    n_features
+        Columns of the data.
+    """
+    n_cells = len(labels)
+    n_components = min(MAX_PCA_COMPONENTS, n_cells - 1, n_features)
+    step = max(5 * n_components, 1024)
+    # Batch ends: the last batch holds at least n_components cells.
+    ends = list(range(step, n_cells, step))
+    if ends and n_cells - ends[-1] < n_components:
+        ends.pop()
+    ends.append(n_cells)
+    pca = IncrementalPCA(n_components=n_components)
+    sums = np.zeros((n_labels, n_features))
+    pending: list[np.ndarray] = []
+    fitted = 0
+    for start, stop, x in blocks:
+        sums += _class_sums(x, labels[start:stop], n_labels)
+        pending.append(x)
+        while ends and stop >= ends[0]:
+            batch = np.concatenate(pending)
+            take = ends.pop(0) - fitted
+            pca.partial_fit(batch[:take])
+            pending = [batch[take:]]
+            fitted += take
+    counts = np.bincount(labels, minlength=n_labels)
+    means = sums / np.maximum(counts, 1)[:, None]
+    centroids = (means - pca.mean_) @ pca.components_.T
+    return _pairwise_distances(centroids, counts > 0)
+
+
+def _class_sums(x: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
+    indicator = sparse.csr_matrix(
+        (np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(n_labels, len(labels))
+    )
+    return np.asarray(indicator @ x, dtype=np.float64)
 
 
 class CELLULAR(BatchCenteringMixin, CellTyperModel):
@@ -146,7 +214,9 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         self._init_data_checks(batch_centering)
         is_counts = self.input_kind_ == "counts"
         matrix, codes = self._labelled_reference()
-        mean_total = float(row_totals(matrix).mean()) if is_counts and len(codes) else 1.0
+        mean_total = (
+            float(self._labelled_totals(matrix).mean()) if is_counts and len(codes) else 1.0
+        )
         with seeded(seed):
             self.module = self._module_cls(
                 n_input=self.summary_stats.n_vars,
@@ -162,10 +232,7 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
             self._init_batch_centering()
         # A query model is built on unlabelled data; its buffers come from the reference.
         if len(codes) > 1:
-            x = dense_float32(log1p_scaled_counts(matrix, mean_total) if is_counts else matrix)
-            if batch_centering:
-                x = x - self._batch_means()[self._batch_codes()[self._labelled]]
-            distances = centroid_distances(x, codes, self.n_labels, seed)
+            distances = self._centroid_distances(matrix, codes, mean_total, seed)
             self.module.set_pca_centroid_distances(torch.as_tensor(distances))
         self._model_summary_string = (
             f"CELLULAR with encoder {tuple(n_hidden)} -> {n_latent}, classifier 2 x "
@@ -179,10 +246,47 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         return np.flatnonzero(self._label_codes() < self.n_labels)
 
     def _labelled_reference(self):
-        """Expression matrix and label codes of the labelled registered cells."""
+        """Expression matrix and label codes of the labelled registered cells.
+
+        A matrix on disk is returned whole (its labelled rows are read block by block
+        where needed); one in memory is subset to the labelled cells.
+        """
         labelled = self._labelled
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        if not is_in_memory(matrix):
+            return matrix, self._label_codes()[labelled]
         return matrix[labelled], self._label_codes()[labelled]
+
+    def _labelled_totals(self, matrix) -> np.ndarray:
+        """Total counts of the labelled cells of :meth:`_labelled_reference`'s matrix."""
+        if is_in_memory(matrix):
+            return row_totals(matrix)
+        blocks = iter_row_chunks(matrix, rows=self._labelled, dense=False)
+        return np.concatenate([row_totals(block) for _, _, block in blocks])
+
+    def _centroid_distances(
+        self, matrix, codes: np.ndarray, mean_total: float, seed: int
+    ) -> np.ndarray:
+        """The PCA centroid distances of the labelled cells' model input."""
+        is_counts = self.input_kind_ == "counts"
+        centering = getattr(self.module, "batch_centering", False)
+        batch_codes = self._batch_codes()[self._labelled] if centering else None
+        if is_in_memory(matrix):
+            x = dense_float32(log1p_scaled_counts(matrix, mean_total) if is_counts else matrix)
+            if centering:
+                x = x - self._batch_means()[batch_codes]
+            return centroid_distances(x, codes, self.n_labels, seed)
+
+        def inputs():
+            for start, stop, block in iter_row_chunks(matrix, rows=self._labelled, dense=False):
+                x = dense_float32(log1p_scaled_counts(block, mean_total) if is_counts else block)
+                if centering:
+                    x = x - self._batch_means()[batch_codes[start:stop]]
+                yield start, stop, x
+
+        return streamed_centroid_distances(
+            inputs(), codes, self.n_labels, self.summary_stats.n_vars
+        )
 
     # -- training stages ------------------------------------------------------------------
     def _training_stages(self, options: dict[str, Any]) -> list[TrainingStage]:

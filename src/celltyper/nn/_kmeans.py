@@ -1,6 +1,7 @@
 """Seeded, batched K-means in torch (Lloyd's algorithm with k-means++ seeding).
 
-The data may be a dense array, a torch tensor or a scipy sparse matrix; rows are
+The data may be a dense array, a torch tensor, a scipy sparse matrix or a matrix on disk
+(read in blocks of consecutive rows); rows are
 densified (and optionally transformed, e.g. log-normalised) one block at a time, so a
 100,000-cell sparse matrix is never turned into one dense array unless it fits in
 ``max_cached_elements``.
@@ -17,6 +18,8 @@ import torch
 from scipy import sparse
 from scvi.utils import track
 from torch import Tensor
+
+from celltyper._utils import default_chunk_size, is_in_memory, iter_row_chunks, n_columns, n_rows
 
 RowTransform = Callable[[Tensor], Tensor]
 
@@ -47,25 +50,38 @@ class KMeansResult:
 
 
 class _Rows:
-    """Row blocks of ``data`` as dense float32 tensors on ``device``, transformed."""
+    """Row blocks of ``data`` as dense float32 tensors on ``device``, transformed.
 
-    def __init__(self, data, transform, batch_size, device, max_cached_elements):
-        if isinstance(data, Tensor):
+    ``data`` on disk (a backed AnnData's matrix, an ``AnnCollection`` layer) is read in
+    blocks of consecutive rows, only its rows ``selection`` (all when ``None``).
+    """
+
+    def __init__(self, data, transform, batch_size, device, max_cached_elements, selection=None):
+        self.on_disk = not isinstance(data, Tensor) and not is_in_memory(data)
+        if self.on_disk:
+            self.data = data
+        elif selection is not None:
+            raise ValueError("rows= selects rows of a matrix on disk; subset others first.")
+        elif isinstance(data, Tensor):
             self.data = data.detach()
         elif sparse.issparse(data):
             self.data = sparse.csr_matrix(data)
         else:
             self.data = np.asarray(data)
+        self.selection = None
+        if self.on_disk:
+            total = n_rows(data)
+            self.selection = np.arange(total) if selection is None else np.asarray(selection)
         self.transform = transform
         self.batch_size = batch_size
         self.device = device
-        self.n = int(self.data.shape[0])
-        self._cache: list[Tensor] | None = None
+        self.n = len(self.selection) if self.on_disk else int(self.data.shape[0])
+        self._cache: list[tuple[int, int, Tensor]] | None = None
         first = self.take(np.arange(min(self.n, 1)))
         self.n_features = int(first.shape[1])
         # Small enough data are transformed once and reused by every iteration.
         if self.n * self.n_features <= max_cached_elements:
-            self._cache = [self._block(s, e) for s, e in self.bounds()]
+            self._cache = list(self.blocks())
 
     def bounds(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.n, self.batch_size):
@@ -83,16 +99,42 @@ class _Rows:
     def _block(self, start: int, stop: int) -> Tensor:
         return self._to_tensor(self.data[start:stop])
 
+    def _read(self, positions: np.ndarray) -> Tensor:
+        """Rows ``positions`` (increasing) of the selection, from disk in contiguous reads."""
+        wanted = self.selection[positions]
+        blocks = [
+            block
+            for _, _, block in iter_row_chunks(
+                self.data, self._disk_chunk(), rows=wanted, dense=False
+            )
+        ]
+        if not blocks:
+            return self._to_tensor(np.zeros((0, n_columns(self.data)), dtype=np.float32))
+        joined = sparse.vstack(blocks) if sparse.issparse(blocks[0]) else np.vstack(blocks)
+        return self._to_tensor(joined)
+
     def take(self, indices: np.ndarray) -> Tensor:
-        """The transformed rows at ``indices``."""
+        """The transformed rows at ``indices`` (increasing for data on disk)."""
+        if self.on_disk:
+            return self._read(np.asarray(indices))
         if isinstance(self.data, Tensor):
             return self._to_tensor(self.data[torch.as_tensor(indices, dtype=torch.long)])
         return self._to_tensor(self.data[np.asarray(indices)])
 
+    def _disk_chunk(self) -> int:
+        return min(self.batch_size, default_chunk_size(self.data))
+
     def blocks(self) -> Iterator[tuple[int, int, Tensor]]:
-        for i, (start, stop) in enumerate(self.bounds()):
-            block = self._cache[i] if self._cache is not None else self._block(start, stop)
-            yield start, stop, block
+        if self._cache is not None:
+            yield from self._cache
+        elif self.on_disk:
+            rows = None if len(self.selection) == n_rows(self.data) else self.selection
+            chunks = iter_row_chunks(self.data, self._disk_chunk(), rows=rows, dense=False)
+            for start, stop, block in chunks:
+                yield start, stop, self._to_tensor(block)
+        else:
+            for start, stop in self.bounds():
+                yield start, stop, self._block(start, stop)
 
 
 def _squared_distances(x: Tensor, centers: Tensor, center_norms: Tensor) -> Tensor:
@@ -136,6 +178,7 @@ def kmeans(
     data: np.ndarray | Tensor | sparse.spmatrix,
     n_clusters: int,
     *,
+    rows: np.ndarray | None = None,
     transform: RowTransform | None = None,
     max_iter: int = 50,
     tol: float = 1e-4,
@@ -158,7 +201,13 @@ def kmeans(
     Parameters
     ----------
     data
-        ``(n, d)`` rows to cluster: numpy array, torch tensor or scipy sparse matrix.
+        ``(n, d)`` rows to cluster: numpy array, torch tensor, scipy sparse matrix, or a
+        matrix on disk (a backed AnnData's matrix, an ``AnnCollection`` layer), which is
+        read in blocks of consecutive rows (every Lloyd iteration reads it again unless
+        it fits in ``max_cached_elements``).
+    rows
+        Data on disk only: increasing positions of the rows to cluster (``None``: all);
+        labels follow their order.
     n_clusters
         Number of clusters, ``1 <= n_clusters <= n``.
     transform
@@ -188,7 +237,7 @@ def kmeans(
     :class:`KMeansResult` with the labels, centres, inertia, iterations and seconds.
     """
     start_time = time.perf_counter()
-    n = int(data.shape[0])
+    n = n_rows(data) if rows is None else len(rows)
     if not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be in [1, n_rows={n}], got {n_clusters}.")
     if max_iter < 1:
@@ -196,7 +245,7 @@ def kmeans(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     device = torch.device(device)
-    rows = _Rows(data, transform, batch_size, device, max_cached_elements)
+    rows = _Rows(data, transform, batch_size, device, max_cached_elements, selection=rows)
     generator = torch.Generator().manual_seed(int(seed))
 
     init_size = max(20 * n_clusters, 5000) if init_size is None else init_size

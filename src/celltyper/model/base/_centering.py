@@ -7,7 +7,7 @@ import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
-from celltyper._utils import log1p_scaled_counts
+from celltyper._utils import iter_row_chunks, log1p_scaled_counts, n_columns
 
 
 def batch_log_means(
@@ -17,15 +17,20 @@ def batch_log_means(
 
     The input is ``log1p(x / total * target_sum)`` of counts, or the values as they are
     when ``target_sum`` is ``None``. A sparse matrix stays sparse: the per-batch sums are
-    one product with a sparse batch indicator.
+    one product with a sparse batch indicator per block of rows. A matrix on disk
+    (backed AnnData, ``AnnCollection``) is read in blocks of consecutive rows; one in
+    memory is one block.
     """
-    x = matrix if target_sum is None else log1p_scaled_counts(matrix, target_sum)
-    n_cells = x.shape[0]
-    indicator = sparse.csr_matrix(
-        (np.ones(n_cells), (batch_codes, np.arange(n_cells))), shape=(n_batch, n_cells)
-    )
-    sums = indicator @ x
-    sums = sums.toarray() if sparse.issparse(sums) else np.asarray(sums, dtype=np.float64)
+    sums = np.zeros((n_batch, n_columns(matrix)), dtype=np.float64)
+    for start, stop, block in iter_row_chunks(matrix, dense=False):
+        x = block if target_sum is None else log1p_scaled_counts(block, target_sum)
+        n_cells = stop - start
+        indicator = sparse.csr_matrix(
+            (np.ones(n_cells), (batch_codes[start:stop], np.arange(n_cells))),
+            shape=(n_batch, n_cells),
+        )
+        part = indicator @ x
+        sums += part.toarray() if sparse.issparse(part) else np.asarray(part, dtype=np.float64)
     counts = np.bincount(batch_codes, minlength=n_batch)
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
