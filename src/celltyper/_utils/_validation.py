@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
+from scvi.dataloaders import CollectionAdapter
 
 from ._matrix import is_in_memory, iter_row_chunks
 
@@ -17,16 +18,40 @@ _N_ROWS_SAMPLED = 5000
 
 
 def get_matrix(adata: AnnData, layer: str | None, what: str = "adata"):
-    """``adata.layers[layer]`` or ``adata.X``, with a clear error when it is missing."""
+    """``adata.layers[layer]`` or ``adata.X``, with a clear error when it is missing.
+
+    scvi-tools' ``CollectionAdapter`` of an ``AnnCollection`` has no ``X`` and only
+    sparse layers; both limits are reported with the way out.
+    """
+    collection = _is_collection_adapter(adata)
     if layer is None:
+        if collection:
+            raise ValueError(
+                f"{what} is an AnnCollection (through scvi-tools' CollectionAdapter), which "
+                "has no X; pass layer= naming a sparse counts layer of its files, e.g. "
+                "setup_anndata(adapter, layer='counts')."
+            )
         if adata.X is None:
             raise ValueError(f"{what}.X is empty (None); pass layer= naming the counts layer.")
         return adata.X
-    if layer not in adata.layers:
-        raise KeyError(
-            f"layer={layer!r} is not in {what}.layers (available: {list(adata.layers)})."
-        )
-    return adata.layers[layer]
+    names = list(adata.layers.keys())
+    if layer not in names:
+        raise KeyError(f"layer={layer!r} is not in {what}.layers (available: {names}).")
+    try:
+        return adata.layers[layer]
+    except TypeError as error:  # scvi-tools' adapter reads sparse layers only
+        if not collection:
+            raise
+        raise TypeError(
+            f"layer={layer!r} of the AnnCollection {what} is dense; scvi-tools' "
+            "CollectionAdapter reads sparse layers only: store the layer as CSR in each "
+            f"file ({error})."
+        ) from error
+
+
+def _is_collection_adapter(adata) -> bool:
+    """Whether ``adata`` is scvi-tools' ``CollectionAdapter`` (posing as an AnnData)."""
+    return type(adata) is CollectionAdapter
 
 
 def _stored_values(matrix) -> np.ndarray:

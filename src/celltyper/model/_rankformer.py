@@ -241,7 +241,7 @@ class RANKFORMER(CellTyperModel):
         labelled = np.flatnonzero(self._label_codes() < self.n_labels)
         if median_cells == "all" or len(labelled) == 0:
             return nonzero_gene_medians(matrix)
-        return nonzero_gene_medians(matrix[labelled])
+        return nonzero_gene_medians(matrix, rows=labelled)
 
     # -- setup: the paired mode -------------------------------------------------------------
     @classmethod

@@ -11,6 +11,7 @@ from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
+from scvi.dataloaders import CollectionAdapter
 from scvi.model.base import BaseModelClass
 
 from celltyper._utils import (
@@ -80,7 +81,12 @@ class CellTyperModel(
         ----------
         adata
             Cells x genes. Raw counts in ``X`` or ``layers[layer]`` (log-normalised values
-            are accepted by models that work on them).
+            are accepted by models that work on them). May be out of core: an AnnData
+            opened with ``backed="r"``, or an ``anndata.experimental.AnnCollection`` of
+            backed files wrapped in ``scvi.dataloaders.CollectionAdapter`` (with ``layer``
+            naming a sparse layer: the adapter has no ``X``). Its values are checked, and
+            whole-reference statistics computed, in blocks of consecutive rows; the file
+            is never written (registration columns ``_scvi_*`` stay in memory).
         labels_key
             Column of ``obs`` with cell types; cells labelled ``unlabeled_category`` are
             unlabelled (used by semi-supervised models, ignored by the loss otherwise).
@@ -137,6 +143,10 @@ class CellTyperModel(
     @classmethod
     def _register(cls, data, rna, obs, make: FieldFactory, setup_method_args, kwargs) -> None:
         """Check the inputs, build the model's fields and register ``data``."""
+        if type(data) is CollectionAdapter and "uns" not in vars(data):
+            # scvi-tools' adapter keeps uns on its class, shared by every adapter: each
+            # gets its own, or two AnnCollections would share one registration.
+            data.uns = {}
         registration = {k: kwargs.pop(k) for k in _REGISTRATION_KEYWORDS if k in kwargs}
         transferring = "source_registry" in registration
         setup = cls._setup_keywords(kwargs)
@@ -235,6 +245,21 @@ class CellTyperModel(
         return self.summary_stats.n_batch
 
     # -- training ---------------------------------------------------------------------------
+    def _route_train_kwargs(self, kwargs: dict, plan_kwargs, datasplitter_kwargs):
+        if "datamodule" in kwargs:
+            # scvi-tools' custom-dataloader convention (Model(adata=None, registry=...))
+            # leaves no registered cells, which every celltyper model reads (labels,
+            # split, reference statistics, calibration).
+            raise NotImplementedError(
+                f"{type(self).__name__}.train(datamodule=...) is not supported: celltyper "
+                "models read their registered cells (labels, held-out split, reference "
+                "statistics, calibration). For data larger than memory, open the h5ad "
+                "with anndata.read_h5ad(path, backed='r'), or join backed files in an "
+                "anndata.experimental.AnnCollection wrapped in "
+                "scvi.dataloaders.CollectionAdapter, and set that up."
+            )
+        return super()._route_train_kwargs(kwargs, plan_kwargs, datasplitter_kwargs)
+
     def _make_splitter(
         self,
         validation_size: float,
