@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from scvi.dataloaders import AnnDataLoader
 
+from ._distributed import replica
 from ._splitting import LabelledUnlabelledSplitter
 
 
@@ -16,6 +17,9 @@ class AllCellsSplitter(LabelledUnlabelledSplitter):
     """
 
     def train_dataloader(self):
+        rank, world_size = replica(self)
+        if world_size > 1:
+            return self._shard(self.train_idx, rank, world_size)
         return AnnDataLoader(
             self.adata_manager,
             indices=self.train_idx,

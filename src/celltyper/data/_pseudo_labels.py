@@ -11,10 +11,12 @@ import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from celltyper._utils import is_in_memory
 from celltyper.nn import kmeans
+
+from ._distributed import drops_single_cell, replica
 
 #: Minibatch keys of :class:`PseudoLabelDataModule` besides the expression.
 DATASET_KEY = "dataset"
@@ -167,26 +169,37 @@ class PseudoLabelDataModule(pl.LightningDataModule):
     pseudo_labels
         ``(n_cells, n_resolutions)`` K-means clusters of each cell.
     batch_size
-        Minibatch size.
+        Minibatch size (of each process, under a distributed strategy).
+    seed
+        Seed of the order of the cells under a distributed strategy, where every process
+        draws the same order and reads its own share of it; one process draws from
+        torch's global generator.
     """
 
-    def __init__(self, matrix, datasets, pseudo_labels, *, batch_size: int):
+    def __init__(self, matrix, datasets, pseudo_labels, *, batch_size: int, seed: int = 0):
         super().__init__()
         self.rows = _PseudoLabelledRows(matrix, datasets, pseudo_labels)
         self.batch_size = batch_size
+        self.seed = seed
         # The attributes scvi-tools' runner reads from a data splitter.
         self.n_train, self.n_val = len(self.rows), 0
         self.train_idx = np.arange(self.n_train)
         self.val_idx = self.test_idx = np.array([], dtype=int)
 
     def train_dataloader(self) -> DataLoader:
-        n = len(self.rows)
+        rank, world_size = replica(self)
         # A trailing minibatch of one cell says little and is dropped.
-        drop_last = n > self.batch_size and n % self.batch_size == 1
+        drop_last = drops_single_cell(len(self.rows), self.batch_size, world_size)
+        sampler = None
+        if world_size > 1:
+            sampler = DistributedSampler(
+                self.rows, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed
+            )
         return DataLoader(
             self.rows,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             collate_fn=self.rows.collate,
             drop_last=drop_last,
         )

@@ -9,6 +9,8 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.dataloaders import AnnDataLoader, ConcatDataLoader
 
+from ._distributed import OnEveryProcess, ShardedConcatLoader, replica, sharded_loader
+
 
 def stratified_split(
     labels: np.ndarray, validation_size: float, seed: int = 0
@@ -55,22 +57,37 @@ class LabelledEpochLoader:
     Each pass takes the next ``len(labelled) * per_step`` unlabelled cells from a stream
     of random permutations of ``unlabelled_idx``: every unlabelled cell is seen in turn,
     in a new order after each pass over all of them.
+
+    Under a distributed strategy (``world_size > 1``), ``labelled`` is this process's
+    shard (``sharded_loader``) and the stream is drawn alike on every
+    process from ``seed``: each step takes ``world_size * per_step`` cells of it, of which
+    this process reads the ``rank``-th ``per_step``, so the processes share the stream as
+    one process would read it with minibatches ``world_size`` times larger.
     """
 
     def __init__(
         self,
-        labelled: AnnDataLoader,
+        labelled: AnnDataLoader | torch.utils.data.DataLoader,
         adata_manager: AnnDataManager,
         unlabelled_idx: np.ndarray,
         per_step: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
         **loader_kwargs,
     ):
         self.labelled = labelled
         self.adata_manager = adata_manager
         self.unlabelled_idx = np.asarray(unlabelled_idx)
         self.per_step = per_step
+        self.rank, self.world_size = rank, world_size
         self.loader_kwargs = loader_kwargs
         self._stream = np.array([], dtype=int)
+        self._epochs_done = 0
+        # One process draws from torch's global generator (seeded by train(seed=...));
+        # several draw alike from their own.
+        self._generator = torch.Generator().manual_seed(seed) if world_size > 1 else None
 
     def __len__(self) -> int:
         return len(self.labelled)
@@ -78,15 +95,27 @@ class LabelledEpochLoader:
     def _next_unlabelled(self, n: int) -> np.ndarray:
         while len(self._stream) < n:
             # torch's generator, so train(seed=...) makes the draws reproducible.
-            order = torch.randperm(len(self.unlabelled_idx)).numpy()
+            order = torch.randperm(len(self.unlabelled_idx), generator=self._generator).numpy()
             self._stream = np.concatenate([self._stream, self.unlabelled_idx[order]])
         chosen, self._stream = self._stream[:n], self._stream[n:]
         return chosen
 
+    def _epoch_unlabelled(self) -> np.ndarray:
+        """This process's unlabelled cells of the next epoch, ``per_step`` per step."""
+        n_steps = len(self.labelled)
+        drawn = self._next_unlabelled(n_steps * self.per_step * self.world_size)
+        if self.world_size == 1:
+            return drawn
+        return drawn.reshape(n_steps, self.world_size, self.per_step)[:, self.rank].ravel()
+
     def __iter__(self):
+        if self.world_size > 1:
+            # Lightning sets the epoch of the samplers it sees; this one is inside.
+            self.labelled.sampler.set_epoch(self._epochs_done)
+            self._epochs_done += 1
         unlabelled = AnnDataLoader(
             self.adata_manager,
-            indices=self._next_unlabelled(len(self.labelled) * self.per_step),
+            indices=self._epoch_unlabelled(),
             shuffle=False,
             batch_size=self.per_step,
             **self.loader_kwargs,
@@ -152,6 +181,7 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         self.unlabelled_ratio = unlabelled_ratio
         self.adata_manager = adata_manager
         self.batch_size = batch_size
+        self.seed = seed
         self.loader_kwargs = loader_kwargs
         codes = adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
         codes = np.asarray(codes).reshape(-1)
@@ -179,13 +209,16 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         return n > self.batch_size and n % self.batch_size == 1
 
     def train_dataloader(self):
+        rank, world_size = replica(self)
         if (
             self.unlabelled_ratio is not None
             and len(self.labelled_sampling_idx)
             and len(self.unlabelled_idx)
         ):
-            return self._labelled_epoch_loader()
+            return self._labelled_epoch_loader(rank, world_size)
         indices = [i for i in (self.labelled_sampling_idx, self.unlabelled_idx) if len(i)]
+        if world_size > 1:
+            return ShardedConcatLoader([self._shard(i, rank, world_size) for i in indices])
         return ConcatDataLoader(
             self.adata_manager,
             indices_list=indices,
@@ -195,27 +228,53 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
             **self.loader_kwargs,
         )
 
-    def _labelled_epoch_loader(self) -> LabelledEpochLoader:
-        labelled = AnnDataLoader(
+    def _shard(self, indices: np.ndarray, rank: int, world_size: int):
+        """This process's shuffled minibatches of ``indices`` under a distributed
+        strategy."""
+        return sharded_loader(
             self.adata_manager,
-            indices=self.labelled_sampling_idx,
-            shuffle=True,
+            indices,
             batch_size=self.batch_size,
-            drop_last=self._drop_last(len(self.labelled_sampling_idx)),
+            shuffle=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
             **self.loader_kwargs,
         )
+
+    def _labelled_epoch_loader(self, rank: int = 0, world_size: int = 1) -> LabelledEpochLoader:
+        if world_size > 1:
+            labelled = self._shard(self.labelled_sampling_idx, rank, world_size)
+        else:
+            labelled = AnnDataLoader(
+                self.adata_manager,
+                indices=self.labelled_sampling_idx,
+                shuffle=True,
+                batch_size=self.batch_size,
+                drop_last=self._drop_last(len(self.labelled_sampling_idx)),
+                **self.loader_kwargs,
+            )
         per_step = max(1, round(self.unlabelled_ratio * self.batch_size))
         return LabelledEpochLoader(
-            labelled, self.adata_manager, self.unlabelled_idx, per_step, **self.loader_kwargs
+            labelled,
+            self.adata_manager,
+            self.unlabelled_idx,
+            per_step,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            **self.loader_kwargs,
         )
 
     def val_dataloader(self):
         if self.n_val == 0:
             return []
-        return AnnDataLoader(
+        loader = AnnDataLoader(
             self.adata_manager,
             indices=self.val_idx,
             shuffle=False,
             batch_size=self.batch_size,
             **self.loader_kwargs,
         )
+        # Under a distributed strategy every process scores every validation cell.
+        return OnEveryProcess(loader) if replica(self)[1] > 1 else loader

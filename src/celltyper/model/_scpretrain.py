@@ -311,7 +311,9 @@ class SCPRETRAIN(CellTyperModel):
         self._pretraining["labels"][phase] = labels
         with seeded(int(np.random.SeedSequence([seed, phase]).generate_state(1)[0])):
             self._pretrain_heads = PseudoLabelHeads(self.module.n_latent, sizes)
-        return PseudoLabelDataModule(matrix, datasets, labels, batch_size=settings["batch_size"])
+        return PseudoLabelDataModule(
+            matrix, datasets, labels, batch_size=settings["batch_size"], seed=seed
+        )
 
     def _stage_plan_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:
         if stage.name.startswith(_PRETRAIN):

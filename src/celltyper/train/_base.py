@@ -11,6 +11,11 @@ from scvi.module.base import LossOutput
 from scvi.train import TrainingPlan
 from torch import Tensor
 
+#: scvi-tools' ``compute_and_log_metrics`` without its ``torch.inference_mode`` decorator.
+_scvi_compute_and_log_metrics = getattr(
+    TrainingPlan.compute_and_log_metrics, "__wrapped__", TrainingPlan.compute_and_log_metrics
+)
+
 OptimizerName = Literal["Adam", "AdamW", "Adadelta", "SGD"]
 
 #: Optimizers scvi-tools' plan does not name, given to it as an ``optimizer_creator``.
@@ -71,7 +76,8 @@ class CellTyperTrainingPlan(TrainingPlan):
       the module in eval mode, and Lightning keeps submodule modes, so a second
       ``train()`` would otherwise run with BatchNorm statistics and dropout frozen;
     - logging of each named term of the module's ``LossOutput`` (``<term>_train``,
-      ``<term>_validation``), and of scheduled weights.
+      ``<term>_validation``), and of scheduled weights, every value reduced across the
+      processes of a distributed run (``sync_dist``).
 
     Validation asks the module for its validation criterion
     (:meth:`~celltyper.module.CellTyperModule.validation_loss`, for a classifier the
@@ -153,6 +159,11 @@ class CellTyperTrainingPlan(TrainingPlan):
         optimizer.add_param_group({"params": trainable})
         return config
 
+    @property
+    def use_sync_dist(self) -> bool:
+        """Whether logged epoch values are reduced across processes (several of them)."""
+        return self._trainer is not None and self.trainer.world_size > 1
+
     def on_train_epoch_start(self) -> None:
         self.module.train()
 
@@ -190,7 +201,14 @@ class CellTyperTrainingPlan(TrainingPlan):
         )
         self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
         for name, value in scheduled.items():
-            self.log(name, float(value), on_step=False, on_epoch=True, batch_size=n)
+            self.log(
+                name,
+                float(value),
+                on_step=False,
+                on_epoch=True,
+                batch_size=n,
+                sync_dist=self.use_sync_dist,
+            )
         return loss_output.loss
 
     def _diverged(self, batch_idx: int, found: str) -> FloatingPointError:
@@ -241,11 +259,16 @@ class CellTyperTrainingPlan(TrainingPlan):
         self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
         return loss_output.loss
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def compute_and_log_metrics(self, loss_output: LossOutput, metrics, mode: str) -> None:
-        """scvi's ELBO metrics (for modules with a likelihood) and every extra metric."""
+        """scvi's ELBO metrics (for modules with a likelihood) and every extra metric.
+
+        Under ``no_grad`` rather than scvi-tools' inference mode: on several processes
+        the logged values are reduced in place at the end of the epoch, which tensors
+        made in inference mode refuse.
+        """
         if self.log_elbo:
-            super().compute_and_log_metrics(loss_output, metrics, mode)
+            _scvi_compute_and_log_metrics(self, loss_output, metrics, mode)
             return
         for name, value in (loss_output.extra_metrics or {}).items():
             value = value.detach() if isinstance(value, Tensor) else value

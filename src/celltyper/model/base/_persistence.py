@@ -237,7 +237,15 @@ class PersistenceMixin:
             Also save the model's AnnData (``adata.h5ad``) or MuData (``mdata.h5mu``).
         save_kwargs, legacy_mudata_format, datamodule, **anndata_write_kwargs
             As in :meth:`scvi.model.base.BaseModelClass.save`.
+
+        Notes
+        -----
+        In a distributed run (``torchrun``, or a script trained with a ``"ddp..."``
+        strategy), every process runs the script but only rank 0 writes: on the other
+        processes ``save`` does nothing, so they do not race on the same folder.
         """
+        if _is_secondary_process():
+            return
         dir_path = os.path.abspath(os.fspath(dir_path))
         if os.path.exists(dir_path) and not overwrite:
             raise ValueError(
@@ -295,6 +303,14 @@ class PersistenceMixin:
                 datamodule=datamodule,
                 allowed_classes_names_list=allowed_classes_names_list,
             )
+
+
+def _is_secondary_process() -> bool:
+    """Whether this is a process of rank > 0 of an initialised ``torch.distributed`` group."""
+    distributed = torch.distributed
+    return (
+        distributed.is_available() and distributed.is_initialized() and distributed.get_rank() > 0
+    )
 
 
 def _move_into_place(staging: str, dir_path: str) -> None:

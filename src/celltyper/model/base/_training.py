@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import signal
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,11 +16,16 @@ import lightning.pytorch as pl
 import scvi.train
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerStatus
-from scvi.model._utils import get_max_epochs_heuristic
+from scvi.model._utils import (
+    get_max_epochs_heuristic,
+    parse_device_args,
+    use_distributed_sampler,
+)
 from scvi.train import TrainRunner
 
 from celltyper._utils import seeded
 from celltyper.train import RestoreBestWeights
+from celltyper.train._callbacks import SyncProcesses
 
 #: Splitter arguments ``train()`` sets itself from its own options or the model.
 _SPLITTER_INTERNALS = {
@@ -185,6 +192,73 @@ def _resume_points(stages: list[TrainingStage], resume_from) -> dict[int, str]:
     return {last: found[last]}
 
 
+def _device_count(accelerator, devices) -> int:
+    """How many devices ``devices`` names for ``accelerator`` (as Lightning counts them)."""
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            devices = parse_device_args(accelerator, devices)[1]
+    except Exception:  # Lightning raises its own error when training starts
+        pass
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if isinstance(devices, str):
+        names = [d for d in devices.split(",") if d.strip()]
+        if len(names) > 1 or devices.strip().endswith(","):
+            return len(names)
+        devices = names[0] if names else 1
+    try:
+        return int(devices)
+    except (TypeError, ValueError):
+        return 1
+
+
+def check_distributed_strategy(
+    accelerator, devices, strategy=None, num_nodes: int | str | None = 1
+) -> None:
+    """Refuse several devices or nodes without an explicit strategy.
+
+    Lightning then picks DDP on its own and rebuilds the data loaders with its
+    ``DistributedSampler``, which splits celltyper's minibatches into single cells.
+
+    Raises
+    ------
+    ValueError
+        ``devices`` names several devices (or ``num_nodes > 1``) and ``strategy`` is
+        ``None`` or ``"auto"``.
+    """
+    if strategy is not None and not (isinstance(strategy, str) and strategy == "auto"):
+        return
+    advice = (
+        'Pass an explicit strategy: strategy="ddp_find_unused_parameters_true" in a script '
+        '(or under torchrun / SLURM), strategy="ddp_fork_find_unused_parameters_true" in a '
+        "notebook. Without one, Lightning's own DDP would split celltyper's minibatches "
+        "into single cells."
+    )
+    n_devices = _device_count(accelerator, devices)
+    if n_devices > 1:
+        raise ValueError(
+            f"devices={devices!r} trains on {n_devices} devices, which needs a distributed "
+            f"strategy. {advice}"
+        )
+    try:
+        n_nodes = int(num_nodes if num_nodes is not None else 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_nodes must be a whole number >= 1, got {num_nodes!r}.") from None
+    if n_nodes > 1:
+        raise ValueError(
+            f"num_nodes={num_nodes!r} trains on several machines, which needs a distributed "
+            f"strategy. {advice}"
+        )
+
+
+def _is_distributed(strategy) -> bool:
+    """Whether ``strategy`` runs several processes (as scvi-tools tells: a DDP one)."""
+    return use_distributed_sampler(strategy)
+
+
 class TrainingMixin:
     """``train()`` for every celltyper model, with scvi-tools' conventions.
 
@@ -258,8 +332,14 @@ class TrainingMixin:
             where the model declares none.
         accelerator, devices
             As in scvi-tools (``"auto"``, ``"cpu"``, ``"gpu"``; a number or list of
-            devices). Several devices need an explicit ``strategy`` (e.g.
-            ``strategy="ddp_find_unused_parameters_true"``).
+            devices). Several devices (or ``num_nodes > 1``) need an explicit
+            ``strategy``: ``strategy="ddp_find_unused_parameters_true"`` in a script or
+            under ``torchrun``, ``"ddp_fork_find_unused_parameters_true"`` in a notebook;
+            without one a ``ValueError`` says so. Under DDP each process reads its shard
+            of every epoch in minibatches of ``batch_size`` (a step sees ``devices``
+            times as many cells), early stopping is off (as in scvi-tools), the history
+            is rank 0's and every process ends with rank 0's weights. See the
+            multi-device page of the documentation.
         train_size, validation_size
             Share of each labelled cell type used for training, or held out for early
             stopping and the novelty calibration (give one; they add up to 1).
@@ -294,12 +374,18 @@ class TrainingMixin:
             The model's own training options (see its docstring), hyperparameters
             accepted by ``plan_kwargs`` or settings of ``datasplitter_kwargs`` given by
             name, or keywords of scvi-tools' and
-            Lightning's ``Trainer`` (``strategy``, ``callbacks``, ``logger``,
-            ``enable_progress_bar``, ``early_stopping_patience``, ...). Any other name
-            raises a ``TypeError`` that lists the valid ones.
+            Lightning's ``Trainer`` (``strategy``, ``num_nodes``, ``callbacks``,
+            ``logger``, ``enable_progress_bar``, ``early_stopping_patience``, ...). Any
+            other name raises a ``TypeError`` that lists the valid ones.
         """
         options, plan_kwargs, splitter_kwargs, trainer_kwargs = self._route_train_kwargs(
             kwargs, plan_kwargs, datasplitter_kwargs
+        )
+        check_distributed_strategy(
+            accelerator,
+            devices,
+            trainer_kwargs.get("strategy"),
+            trainer_kwargs.get("num_nodes", 1),
         )
         stages = self._training_stages(options)
         shared = {
@@ -499,27 +585,54 @@ class TrainingMixin:
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if restore_best_weights and has_validation:
             callbacks.append(RestoreBestWeights(stage.monitor, stage.monitor_mode))
+        # After RestoreBestWeights: every process ends with rank 0's weights and history.
+        sync = SyncProcesses()
+        callbacks.append(sync)
         if has_validation:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         trainer_kwargs.setdefault("early_stopping_patience", stage.early_stopping_patience)
         trainer_kwargs.setdefault("min_epochs", min(stage.min_epochs, max_epochs))
+        distributed = _is_distributed(trainer_kwargs.get("strategy"))
+        log_dir = None
+        if distributed and all(trainer_kwargs.get(k) is None for k in ("logger", "log_save_dir")):
+            # Under DDP, scvi-tools' logger hands rank 0's history over in a file, by
+            # default under the working directory: a folder of our own, removed after.
+            log_dir = tempfile.mkdtemp(prefix="celltyper-ddp-history-")
+            trainer_kwargs["log_save_dir"] = log_dir
         self._start_fresh_history()
-        runner = TrainRunner(
-            self,
-            training_plan=plan,
-            data_splitter=datamodule,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping and has_validation,
-            early_stopping_monitor=stage.monitor,
-            early_stopping_mode=stage.monitor_mode,
-            callbacks=callbacks,
-            **trainer_kwargs,
-        )
+        try:
+            with warnings.catch_warnings():
+                if not (early_stopping and has_validation):  # nothing was turned off
+                    warnings.filterwarnings(
+                        "ignore", "early_stopping was automatically disabled", UserWarning
+                    )
+                runner = TrainRunner(
+                    self,
+                    training_plan=plan,
+                    data_splitter=datamodule,
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    early_stopping=early_stopping and has_validation,
+                    early_stopping_monitor=stage.monitor,
+                    early_stopping_mode=stage.monitor_mode,
+                    callbacks=callbacks,
+                    **trainer_kwargs,
+                )
+            self._fit(stage, runner, max_epochs, shared["seed"])
+        finally:
+            if log_dir is not None:
+                shutil.rmtree(log_dir, ignore_errors=True)
+        if not runner.trainer.is_global_zero and sync.history is not None:
+            self.history_ = sync.history  # scvi-tools fills it on rank 0 only
+        if stage.keep_history_as:
+            setattr(self, stage.keep_history_as, self.history_)
+
+    def _fit(self, stage: TrainingStage, runner: TrainRunner, max_epochs: int, seed: int):
+        """Run ``runner``; Ctrl+C or SIGTERM keep what the stage learnt."""
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            with seeded(shared["seed"]):
+            with seeded(seed):
                 runner()
         except (KeyboardInterrupt, SystemExit) as interrupt:
             # Lightning turns Ctrl+C into SystemExit(1) (SIGTERM: SIGTERMException).
@@ -529,8 +642,6 @@ class TrainingMixin:
         finally:
             # Lightning leaves Ctrl+C ignored after an interruption.
             signal.signal(signal.SIGINT, sigint)
-        if stage.keep_history_as:
-            setattr(self, stage.keep_history_as, self.history_)
 
     def _keep_interrupted_fit(
         self, stage: TrainingStage, runner: TrainRunner, max_epochs: int, interrupt
