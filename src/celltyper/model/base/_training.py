@@ -220,8 +220,9 @@ def check_distributed_strategy(
 ) -> None:
     """Refuse several devices or nodes without an explicit strategy.
 
-    Lightning then picks DDP on its own and rebuilds the data loaders with its
-    ``DistributedSampler``, which splits celltyper's minibatches into single cells.
+    Lightning would pick plain ``"ddp"`` on its own: it starts the script again in new
+    processes, which a notebook cannot do, and it lacks the unused-parameter detection
+    that CELLULAR, SCPRETRAIN and RANKFORMER need (a stage leaves some parameters out).
 
     Raises
     ------
@@ -234,8 +235,8 @@ def check_distributed_strategy(
     advice = (
         'Pass an explicit strategy: strategy="ddp_find_unused_parameters_true" in a script '
         '(or under torchrun / SLURM), strategy="ddp_fork_find_unused_parameters_true" in a '
-        "notebook. Without one, Lightning's own DDP would split celltyper's minibatches "
-        "into single cells."
+        "notebook. Lightning's own choice, plain 'ddp', cannot start from a notebook "
+        "and fails on models whose stages leave parameters unused."
     )
     n_devices = _device_count(accelerator, devices)
     if n_devices > 1:
