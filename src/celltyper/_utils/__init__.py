@@ -8,6 +8,8 @@ from ._genes import (
     gene_identifier_type,
     gene_kind_advice,
     gene_names,
+    gene_positions,
+    select_gene_columns,
 )
 from ._matrix import (
     CHUNK_VALUES,
@@ -46,6 +48,7 @@ __all__ = [
     "gene_identifier_type",
     "gene_kind_advice",
     "gene_names",
+    "gene_positions",
     "get_matrix",
     "is_in_memory",
     "iter_row_chunks",
@@ -55,4 +58,5 @@ __all__ = [
     "require_counts",
     "row_totals",
     "seeded",
+    "select_gene_columns",
 ]

@@ -197,10 +197,31 @@ def align_genes(
     The aligned matrix (the input object itself when the genes already match) and the
     :class:`GeneOverlap`.
     """
+    positions, overlap = gene_positions(genes, reference_genes, min_overlap, what, var)
+    if positions is None:
+        return matrix, overlap
+    return select_gene_columns(matrix, positions), overlap
+
+
+def gene_positions(
+    genes: pd.Index,
+    reference_genes: pd.Index,
+    min_overlap: float = 0.5,
+    what: str = "query",
+    var: pd.DataFrame | None = None,
+) -> tuple[np.ndarray | None, GeneOverlap]:
+    """Where each reference gene sits among ``genes``, checked as in :func:`align_genes`.
+
+    Returns
+    -------
+    For each of ``reference_genes``, its position in ``genes`` (-1: missing), or ``None``
+    when the genes already match; and the :class:`GeneOverlap`. Aligning a block of rows
+    is then :func:`select_gene_columns` of it, so data read in chunks are checked once.
+    """
     genes, reference_genes = pd.Index(genes), pd.Index(reference_genes)
     if genes.equals(reference_genes):
         n = len(genes)
-        return matrix, GeneOverlap(n, n, n)
+        return None, GeneOverlap(n, n, n)
     if genes.has_duplicates:
         dup = genes[genes.duplicated()].unique()[:5].tolist()
         raise ValueError(
@@ -227,16 +248,16 @@ def align_genes(
             f"{overlap.n_missing} of the model's {overlap.n_reference} genes are missing from "
             f"the {what} ({overlap.fraction:.1%} present) and are set to zero.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return _select_columns(matrix, positions), overlap
+    return positions, overlap
 
 
 def _describe(kind: str) -> str:
     return "Ensembl IDs" if kind == "ensembl" else "gene symbols"
 
 
-def _select_columns(matrix, positions: np.ndarray):
+def select_gene_columns(matrix, positions: np.ndarray):
     """Columns ``positions`` of ``matrix``; position -1 gives a column of zeros."""
     present = np.flatnonzero(positions >= 0)
     n_out = len(positions)

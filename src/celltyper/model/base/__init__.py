@@ -14,6 +14,7 @@ from ._centering import BatchCenteringMixin
 from ._data import Registration, build_model_data
 from ._fields import FieldFactory
 from ._model import CellTyperModel
+from ._output import read_annotation
 from ._persistence import PersistenceMixin, convert_legacy_model
 from ._query import QueryMixin
 from ._training import TrainingMixin, TrainingStage, plan_parameters
@@ -36,5 +37,6 @@ __all__ = [
     "convert_legacy_model",
     "gene_identifier_type",
     "plan_parameters",
+    "read_annotation",
     "seeded",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,17 @@ from scvi.data._constants import _SCVI_UUID_KEY
 from celltyper._utils._clusters import majority_vote, over_cluster
 
 from ._confidence import ConfidenceMixin
-from ._data import Registration, build_model_data
+from ._data import Registration, build_model_data, model_data_source
+from ._inference import (
+    DEFAULT_INFERENCE_BATCH,
+    RowSource,
+    check_batch_size,
+    chunk_rows_for,
+    dense_tensors,
+    sorted_indices,
+    split_minibatches,
+)
+from ._output import annotation_writer
 
 
 class AnnotationMixin(ConfidenceMixin):
@@ -67,12 +78,36 @@ class AnnotationMixin(ConfidenceMixin):
         adata: AnnData | MuData | None,
         what: str = "adata",
         gene_column: str | None = None,
+        chunked: bool = False,
     ) -> Iterator:
         """The registered object to compute on; new data get a temporary aligned copy
-        (aligned on ``var[gene_column]`` when given)."""
+        (aligned on ``var[gene_column]`` when given).
+
+        With ``chunked``, a :class:`~celltyper.model.base._inference.RowSource` instead:
+        new data are then read block by block from the user's matrix (in memory or
+        ``backed="r"``) and aligned per block, without a copy of the whole matrix
+        (:func:`~celltyper.model.base._data.model_data_source`); fields that path does
+        not read fall back to the aligned copy.
+        """
         if adata is None or adata is self.adata:
-            yield self.adata
+            yield RowSource.from_manager(self.adata_manager) if chunked else self.adata
             return
+        if chunked:
+            source = model_data_source(
+                adata,
+                self.registry_,
+                input_kind=self.input_kind_,
+                model_name=type(self).__name__,
+                min_gene_overlap=getattr(self, "min_gene_overlap_", 0.5),
+                what=what,
+                extra_columns=partial(
+                    self._extra_obs_columns, self.registry_, keep_new_batches=False, what=what
+                ),
+                gene_column=gene_column,
+            )
+            if source is not None:
+                yield source
+                return
         internal = build_model_data(
             adata,
             self.registration,
@@ -88,12 +123,71 @@ class AnnotationMixin(ConfidenceMixin):
         )
         self._validate_anndata(internal)
         try:
-            yield internal
+            if chunked:
+                yield RowSource.from_manager(self.get_anndata_manager(internal))
+            else:
+                yield internal
         finally:
             # Do not let registrations of temporary objects pile up in the model.
             uuid = internal.uns.get(_SCVI_UUID_KEY)
             self._per_instance_manager_store.get(self.id, {}).pop(uuid, None)
             self._setup_adata_manager_store.pop(uuid, None)
+
+    #: Cells per module call at inference when the caller gives no ``batch_size``
+    #: (memory grows with it: a transformer's attention, for one).
+    _inference_batch_size: ClassVar[int] = DEFAULT_INFERENCE_BATCH
+
+    def _chunk_inputs(self, block: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The module's inputs for a chunk of cells, read as stored.
+
+        ``block`` maps registry keys to the chunk's rows (matrices dense or scipy
+        sparse, obs fields as codes). Returns the inputs, sliced by rows into minibatches
+        (tensors, by default every field densified once: what scvi-tools'
+        ``AnnDataLoader`` would give), and an order of the chunk's cells in which to
+        compute them (``None``: as read); the outputs are put back in the read order.
+        """
+        return dense_tensors(block), None
+
+    def _iter_outputs(
+        self,
+        data,
+        indices: np.ndarray | None,
+        batch_size: int | None,
+        outputs: dict[str, Callable],
+        chunk_size: int | None = None,
+    ) -> Iterator[tuple[slice | np.ndarray, dict[str, np.ndarray]]]:
+        """``outputs`` (name -> f(module inputs)) chunk by chunk, module in eval mode.
+
+        ``data`` is a registered AnnData or a ``RowSource``; ``indices`` increasing
+        positions (or ``None``: every cell). Yields each chunk's row selection and its
+        outputs as numpy arrays, in row order.
+        """
+        check_batch_size(batch_size)
+        source = data if isinstance(data, RowSource) else self._registered_source(data)
+        n_genes = self.summary_stats.n_vars
+        chunk = chunk_rows_for(n_genes, chunk_size)
+        minibatch = batch_size or self._inference_batch_size
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.inference_mode():
+                for rows in source.selectors(indices, chunk):
+                    inputs, order = self._chunk_inputs(source.read(rows))
+                    parts: dict[str, list] = {name: [] for name in outputs}
+                    for tensors in split_minibatches(inputs, minibatch):
+                        for name, fn in outputs.items():
+                            parts[name].append(fn(tensors).detach().cpu().numpy())
+                    values = {name: np.concatenate(p) for name, p in parts.items()}
+                    if order is not None:
+                        back = np.argsort(order, kind="stable")
+                        values = {name: v[back] for name, v in values.items()}
+                    yield rows, values
+        finally:
+            self.module.train(was_training)
+
+    def _registered_source(self, data) -> RowSource:
+        manager = self.get_anndata_manager(data, required=True)
+        return RowSource.from_manager(manager)
 
     def _collect(
         self,
@@ -101,20 +195,26 @@ class AnnotationMixin(ConfidenceMixin):
         indices: Sequence[int] | None,
         batch_size: int | None,
         outputs: dict[str, Callable],
+        chunk_size: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run ``outputs`` (name -> f(tensors)) over minibatches, module in eval mode."""
-        loader = self._make_data_loader(adata=data, indices=indices, batch_size=batch_size)
+        """Run ``outputs`` (name -> f(tensors)) over the cells ``indices`` of ``data`` (a
+        registered AnnData or a ``RowSource``), chunk by chunk (see
+        :mod:`~celltyper.model.base._inference`); arrays in the order of ``indices``."""
+        n_obs = data.n_obs
+        positions, back = sorted_indices(indices, n_obs)
         collected: dict[str, list] = {name: [] for name in outputs}
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.inference_mode():
-                for tensors in loader:
-                    for name, fn in outputs.items():
-                        collected[name].append(fn(tensors).detach().cpu().numpy())
-        finally:
-            self.module.train(was_training)
-        return {name: np.concatenate(parts) for name, parts in collected.items()}
+        for _, values in self._iter_outputs(data, positions, batch_size, outputs, chunk_size):
+            for name, value in values.items():
+                collected[name].append(value)
+        result = {}
+        for name, parts in collected.items():
+            if parts:
+                result[name] = np.concatenate(parts)
+            else:  # no cell: the shape of one cell's output, with no row
+                result[name] = np.zeros((0,), dtype=np.float32)
+        if back is not None:
+            result = {name: value[back] for name, value in result.items()}
+        return result
 
     # -- public API ---------------------------------------------------------------------
     def get_latent_representation(
@@ -133,13 +233,15 @@ class AnnotationMixin(ConfidenceMixin):
         indices
             Positions of the cells to embed; ``None`` embeds all.
         batch_size
-            Minibatch size; defaults to ``scvi.settings.batch_size``.
+            Cells per module call; ``None``: the model's inference default (large: the
+            cells are read in chunks of consecutive rows, also from an AnnData opened
+            with ``backed="r"``, which is never densified whole).
         gene_column
             A ``var`` column of ``adata`` with gene names of the model's kind, aligned on
             instead of ``var_names`` (see :meth:`predict`).
         """
         self._check_if_trained(warn=True)
-        with self._model_data(adata, gene_column=gene_column) as data:
+        with self._model_data(adata, gene_column=gene_column, chunked=True) as data:
             out = self._collect(data, indices, batch_size, {"z": self.module.embed})
         return out["z"]
 
@@ -175,7 +277,7 @@ class AnnotationMixin(ConfidenceMixin):
         An array of cell-type names, or the probability DataFrame when ``soft=True``.
         """
         self._check_if_trained(warn=True)
-        with self._model_data(adata, gene_column=gene_column) as data:
+        with self._model_data(adata, gene_column=gene_column, chunked=True) as data:
             probs = self._collect(data, indices, batch_size, {"p": self._probabilities})["p"]
             names = _obs_names(data, indices)
         if soft:
@@ -190,17 +292,19 @@ class AnnotationMixin(ConfidenceMixin):
         novelty_threshold: float | None = None,
         majority_voting: bool = False,
         gene_column: str | None = None,
-    ) -> pd.DataFrame:
+        write_to: str | Path | None = None,
+    ) -> pd.DataFrame | Path:
         """Prediction, confidence, novelty score and novelty flag of each cell.
 
         Parameters
         ----------
         adata
-            Data to annotate; ``None`` uses the model's data.
+            Data to annotate; ``None`` uses the model's data. An AnnData opened with
+            ``backed="r"`` is read chunk by chunk, never whole.
         indices
             Positions of the cells; ``None`` uses all.
         batch_size
-            Minibatch size.
+            Cells per module call (``None``: the model's inference default).
         novelty_threshold
             Cells whose novelty score exceeds it are flagged novel. By default, the
             threshold calibrated on held-out reference cells (``novelty_threshold_``),
@@ -210,22 +314,57 @@ class AnnotationMixin(ConfidenceMixin):
         majority_voting
             Also over-cluster these cells' latent space (Leiden on its neighbour graph,
             through scanpy) and give each cluster its most frequent prediction, as
-            CellTypist does: columns ``over_clustering`` and ``majority_voting``.
+            CellTypist does: columns ``over_clustering`` and ``majority_voting``. Needs
+            every cell's latent in memory: not with ``write_to``.
         gene_column
             A ``var`` column of ``adata`` with gene names of the model's kind, aligned on
             instead of ``var_names`` (see :meth:`predict`).
+        write_to
+            Write the table to this file as it is computed instead of returning it, so
+            that millions of cells need no cells x classes array in memory: ``.csv``
+            (the table's columns, indexed by obs name), ``.h5``/``.hdf5`` or ``.zarr``
+            (arrays ``obs_names``, ``prediction``, ``confidence``, ``novelty``,
+            ``novel`` and ``latent``, cells x latent dimensions). An existing file is
+            replaced. Read it back with :func:`~celltyper.model.base.read_annotation`.
+            Each chunk's predictions, confidence, novelty and latent are written as they
+            are computed; the novelty flags, whose per-batch thresholds need the whole
+            query's scores, are written after the last chunk (one score and batch code
+            per cell are kept in memory meanwhile).
 
         Returns
         -------
         DataFrame indexed by ``obs_names`` with columns ``prediction``, ``confidence``
         (the highest class probability, temperature-calibrated), ``novelty`` (the score
         of ``novelty_method_``, see :meth:`calibrate_novelty`) and ``novel``, then the
-        majority-voting columns when asked for.
+        majority-voting columns when asked for. With ``write_to``, the path written.
         """
+        if write_to is not None and majority_voting:
+            raise ValueError(
+                f"majority_voting=True needs every cell's latent in memory; it cannot be "
+                f"combined with write_to={str(write_to)!r}. Annotate in memory, or vote on "
+                "the written latent yourself."
+            )
         table, _ = self._annotation_outputs(
-            adata, indices, batch_size, novelty_threshold, majority_voting, gene_column
+            adata,
+            indices,
+            batch_size,
+            novelty_threshold,
+            majority_voting,
+            gene_column,
+            write_to=write_to,
         )
         return table
+
+    def _score_chunk(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Prediction code, confidence, novelty, latent and batch of a chunk's cells."""
+        probs = softmax(out["logits"] / self.temperature_, axis=1)
+        return {
+            "code": probs.argmax(axis=1),
+            "confidence": probs.max(axis=1),
+            "novelty": self.novelty_score(out["logits"], out["z"]),
+            "latent": out["z"],
+            "batch": out["batch"],
+        }
 
     def _annotation_outputs(
         self,
@@ -235,22 +374,39 @@ class AnnotationMixin(ConfidenceMixin):
         novelty_threshold,
         majority_voting=False,
         gene_column=None,
+        write_to: str | Path | None = None,
     ):
         self._check_if_trained(warn=True)
-        with self._model_data(adata, gene_column=gene_column) as data:
-            out = self._scoring_outputs(data, indices, batch_size)
-            names = _obs_names(data, indices)
-        probs = softmax(out["logits"] / self.temperature_, axis=1)
-        latent = out["z"]
-        novelty = self.novelty_score(out["logits"], latent)
-        threshold = self._novelty_thresholds(novelty, out["batch"], novelty_threshold)
+        outputs = {
+            "logits": self._logits,
+            "z": self.module.embed,
+            "batch": self._minibatch_batch_codes,
+        }
+        with self._model_data(adata, gene_column=gene_column, chunked=True) as source:
+            positions, back = sorted_indices(indices, source.n_obs)
+            names = _obs_names(source, indices)
+            if write_to is not None:
+                if back is not None:
+                    raise ValueError(
+                        "indices must be increasing positions with write_to (the file is "
+                        "written in row order); sort them first."
+                    )
+                return self._write_annotation(
+                    source, positions, batch_size, outputs, names, novelty_threshold, write_to
+                ), None
+            parts: dict[str, list] = {}
+            for _, out in self._iter_outputs(source, positions, batch_size, outputs):
+                for name, value in self._score_chunk(out).items():
+                    parts.setdefault(name, []).append(value)
+        scored = {name: np.concatenate(value) for name, value in parts.items()}
+        if back is not None:
+            scored = {name: value[back] for name, value in scored.items()}
+        latent, novelty = scored["latent"], scored["novelty"]
+        threshold = self._novelty_thresholds(novelty, scored["batch"], novelty_threshold)
         table = pd.DataFrame(
             {
-                "prediction": pd.Categorical(
-                    np.asarray(self.cell_types, dtype=object)[probs.argmax(axis=1)],
-                    categories=self.cell_types,
-                ),
-                "confidence": probs.max(axis=1),
+                "prediction": pd.Categorical.from_codes(scored["code"], self.cell_types),
+                "confidence": scored["confidence"],
                 "novelty": novelty,
                 "novel": novelty > threshold,
             },
@@ -262,6 +418,26 @@ class AnnotationMixin(ConfidenceMixin):
             table["over_clustering"] = pd.Categorical(clusters)
             table["majority_voting"] = pd.Categorical(voted, categories=self.cell_types)
         return table, latent
+
+    def _write_annotation(
+        self, source, positions, batch_size, outputs, names, novelty_threshold, write_to
+    ) -> Path:
+        """Stream the annotation of ``source`` to ``write_to`` (see annotation_table)."""
+        n_cells = len(names)
+        novelty = np.zeros(n_cells, dtype=np.float64)
+        batches = np.zeros(n_cells, dtype=np.int64)
+        with annotation_writer(write_to, names, self.cell_types) as writer:
+            done = 0
+            for _, out in self._iter_outputs(source, positions, batch_size, outputs):
+                scored = self._score_chunk(out)
+                stop = done + len(scored["code"])
+                writer.write(done, stop, scored)
+                novelty[done:stop] = scored["novelty"]
+                batches[done:stop] = np.asarray(scored["batch"]).reshape(-1)
+                done = stop
+            threshold = self._novelty_thresholds(novelty, batches, novelty_threshold)
+            writer.finish(novelty > threshold)
+        return Path(write_to)
 
     def annotate(
         self,

@@ -26,8 +26,15 @@ from celltyper._utils import (
     check_matrix_values,
     check_not_empty,
     gene_names,
+    gene_positions,
     get_matrix,
+    is_in_memory,
 )
+
+from ._inference import AlignedRows, RowSource, take_rows
+
+#: Rows whose values tell counts from normalised data (as :func:`check_matrix_values`).
+_KIND_SAMPLE_ROWS = 5000
 
 QUERY_BATCH = "query"
 
@@ -175,6 +182,119 @@ def build_model_data(
     for key, values in cell_obs.items():
         mdata.obs[key] = values.to_numpy()
     return mdata
+
+
+def model_data_source(
+    data: AnnData | MuData,
+    registry: dict,
+    *,
+    input_kind: InputKind,
+    model_name: str,
+    min_gene_overlap: float = 0.5,
+    what: str = "query",
+    extra_columns: Callable[[pd.DataFrame], dict[str, np.ndarray]] | None = None,
+    gene_column: str | None = None,
+) -> RowSource | None:
+    """The chunked path of :func:`build_model_data`: ``data`` as a :class:`RowSource`.
+
+    Nothing is copied up front: the genes are matched once (same checks and messages as
+    :func:`build_model_data`), the registered obs fields become category codes of the
+    model's registry, and each block of rows is read from the user's matrix (in memory,
+    or on disk for an AnnData opened with ``backed="r"``) and aligned as it is needed.
+    Values are checked block by block on disk (NaN, infinite and negative values), and
+    counts vs. normalised data on the first rows, before any block is computed.
+
+    Parameters
+    ----------
+    data
+        The user's object (left unchanged).
+    registry
+        The model's registry (``model.registry_``).
+    input_kind, model_name, min_gene_overlap, what, extra_columns, gene_column
+        As in :func:`build_model_data`.
+
+    Returns
+    -------
+    The source, or ``None`` when the registry holds a field this path does not read
+    (further layers, such as a paired RANKFORMER's context): use
+    :func:`build_model_data` then.
+    """
+    registration = Registration.from_registry(registry)
+    fields = registry["field_registries"]
+    if any(
+        f["data_registry"].get("attr_name") == "layers"
+        and f["data_registry"].get("attr_key") != registration.layer
+        for f in fields.values()
+    ):
+        return None
+    rna, obs = split_modality(data, registration.rna_modality)
+    check_not_empty(rna, what)
+    matrix = get_matrix(rna, registration.layer, what)
+    layer_name = f"layers[{registration.layer!r}]" if registration.layer else "X"
+    where = f"{what}.{layer_name}"
+    check_rows = None
+    if is_in_memory(matrix):
+        kind = check_matrix_values(matrix, where)
+    else:
+        first = take_rows(matrix, slice(0, min(rna.n_obs, _KIND_SAMPLE_ROWS)))
+        kind = check_matrix_values(first, where)
+
+        def check_rows(block) -> None:
+            check_matrix_values(block, where)
+
+    check_input_kind(kind, input_kind, model_name, where)
+    genes = gene_names(rna.var_names, rna.var, gene_column, what)
+    positions, _ = gene_positions(
+        genes, registration.genes, min_gene_overlap, what=what, var=rna.var
+    )
+
+    columns = {}
+    if registration.batch_key is not None:
+        columns[registration.batch_key] = _batch_column(obs, registration, False, what)
+    if registration.labels_key is not None:
+        columns[registration.labels_key] = _labels_column(obs, registration, what)
+    if extra_columns is not None:
+        columns.update(extra_columns(obs))
+    arrays = {}
+    n_obs = rna.n_obs
+    for key, field in fields.items():
+        place, state = field["data_registry"], field["state_registry"]
+        attr = place.get("attr_name")
+        if not place:
+            continue
+        if attr in ("X", "layers"):
+            arrays[key] = AlignedRows(matrix, positions, check_rows)
+        elif attr == "obs" and "categorical_mapping" in state:
+            codes = _category_codes(columns, state.get("original_key"), state, n_obs)
+            if codes is None:
+                return None
+            arrays[key] = codes.reshape(-1, 1)
+        elif attr == "obsm" and "mappings" in state:
+            parts = [
+                _category_codes(columns, k, {"categorical_mapping": state["mappings"][k]}, n_obs)
+                for k in state["field_keys"]
+            ]
+            if any(p is None for p in parts):
+                return None
+            arrays[key] = np.stack(parts, axis=1) if parts else np.zeros((n_obs, 0), np.int64)
+        else:
+            return None
+    return RowSource(arrays, rna.obs_names.copy())
+
+
+def _category_codes(columns: dict, key: str | None, state: dict, n_obs: int) -> np.ndarray | None:
+    """Codes of ``columns[key]`` in the registry's mapping, as scvi-tools registers them
+    (all 0 for a field without a column); ``None`` when a value is not in the mapping."""
+    mapping = pd.Index(state["categorical_mapping"])
+    if key is None or (key.startswith("_scvi_") and key not in columns):
+        # No obs column was given at setup: scvi-tools registers one category, code 0.
+        return np.zeros(n_obs, dtype=np.int64)
+    if key not in columns:
+        return None
+    codes = mapping.get_indexer(pd.Index(np.asarray(columns[key], dtype=object)))
+    if (codes < 0).any():
+        return None
+    return codes.astype(np.int64)
 
 
 def _aligned_like_expression(matrix, genes: pd.Index, reference_genes: pd.Index):
