@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import warnings
@@ -75,6 +76,12 @@ class RecordWeights(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self._write(trainer, {"state": _digest(pl_module.module.state_dict())})
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _new_model(model_cls, adata=None):
@@ -215,6 +222,8 @@ def test_two_processes_end_with_identical_weights(model_name, options, tmp_path,
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
+    # Lightning would leave its port in this process's environment.
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     record = tmp_path / "record"
     record.mkdir()
     model_cls = getattr(celltyper.model, model_name)
