@@ -206,17 +206,19 @@ def test_validation_is_whole_on_every_process_and_all_cells_are_sharded(id_model
 
 
 # -- two processes, every model ---------------------------------------------------------------
-#: Cases of the two-process test: every model, and one without validation cells (no
-#: validation pass re-synchronises the BatchNorm statistics after the last step).
+#: Cases of the two-process test: every model; one without validation cells (no
+#: validation pass re-synchronises the BatchNorm statistics after the last step); the
+#: labelled epoch with its stream of unlabelled cells.
 TWO_PROCESS_CASES = [(name, {}) for name in celltyper.model.__all__]
 TWO_PROCESS_CASES.append(("SCNYM", {"validation_size": 0.0, "batch_size": 64}))
+TWO_PROCESS_CASES.append(("SCNYM", {"unlabelled_ratio": 1.0, "batch_size": 32}))
 
 
 @needs_gloo
 @pytest.mark.parametrize(
     ("model_name", "options"),
     TWO_PROCESS_CASES,
-    ids=[*celltyper.model.__all__, "SCNYM-no-validation"],
+    ids=[*celltyper.model.__all__, "SCNYM-no-validation", "SCNYM-unlabelled-ratio"],
 )
 def test_two_processes_end_with_identical_weights(model_name, options, tmp_path, monkeypatch):
     workdir = tmp_path / "cwd"
