@@ -68,6 +68,30 @@ class RankTokens:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def __getitem__(self, rows) -> RankTokens:
+        """The tokens of ``rows`` (a slice or positions), without the trailing columns
+        that are padding in every one of them (attention never reads them)."""
+        padding = self.padding_mask[rows]
+        used = (~padding).any(dim=0)
+        width = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+
+        def part(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rows][:, :width]
+
+        return RankTokens(
+            part(self.tokens), padding[:, :width], part(self.bins), part(self.segments)
+        )
+
+    def to(self, device) -> RankTokens:
+        """The tokens on ``device``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return RankTokens(
+            move(self.tokens), move(self.padding_mask), move(self.bins), move(self.segments)
+        )
+
 
 def _row_normalize(x: Tensor, target_sum: float) -> Tensor:
     totals = x.sum(dim=1, keepdim=True)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 from mudata import MuData
 from scipy import sparse
@@ -20,7 +21,7 @@ from celltyper.data import (
     tokenize_matrix,
     tokenize_paired_matrices,
 )
-from celltyper.module import CONTEXT_KEY, RANKFORMERModule
+from celltyper.module import CONTEXT_KEY, TOKENS_KEY, RANKFORMERModule
 from celltyper.train import RankformerPretrainingPlan, RankformerTrainingPlan
 
 from ._context import (
@@ -31,6 +32,7 @@ from ._context import (
     report_missing_context,
 )
 from .base import CellTyperModel, FieldFactory, TrainingStage, seeded
+from .base._inference import dense_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -446,6 +448,42 @@ class RANKFORMER(CellTyperModel):
         finally:
             self._pretraining_only = False
 
+    # -- inference ------------------------------------------------------------------------
+    #: Cells per module call at inference: attention holds cells x heads x length^2.
+    _inference_batch_size = 512
+
+    def _chunk_inputs(self, block: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+        """Tokens of a whole chunk, from its sparse rows (sorting each cell's expressed
+        genes only), with the cells ordered by their number of tokens so that each
+        minibatch is cut to the longest of its own cells."""
+        module: RANKFORMERModule = self.module
+        counts = {REGISTRY_KEYS.X_KEY, CONTEXT_KEY}
+        medians = module.gene_medians.detach().cpu()
+        if module.paired:
+            tokens = tokenize_paired_matrices(
+                block[REGISTRY_KEYS.X_KEY],
+                block[CONTEXT_KEY],
+                medians,
+                module.n_tokens,
+                module.n_tokens_context,
+                module.n_bins,
+            )
+        else:
+            tokens = tokenize_matrix(
+                block[REGISTRY_KEYS.X_KEY], medians, module.n_tokens, module.n_bins
+            )
+        lengths = (~tokens.padding_mask).sum(dim=1).numpy()
+        order = np.argsort(lengths, kind="stable")
+        rows = torch.from_numpy(order)
+        inputs = {
+            key: value[rows]
+            for key, value in dense_tensors(
+                {k: v for k, v in block.items() if k not in counts}
+            ).items()
+        }
+        inputs[TOKENS_KEY] = tokens[rows]
+        return inputs, order
+
     # -- tokens -----------------------------------------------------------------------------
     def tokenize(
         self,
@@ -473,7 +511,7 @@ class RANKFORMER(CellTyperModel):
         ``segments`` telling the halves apart.
         """
         module: RANKFORMERModule = self.module
-        with self._model_data(adata) as data:
+        with self._model_data(adata, chunked=False) as data:
             matrix = self.get_from_registry(data, REGISTRY_KEYS.X_KEY)
             context = self.get_from_registry(data, CONTEXT_KEY) if module.paired else None
             if indices is not None:

@@ -2,13 +2,14 @@
 
 from ._base import CellTyperModule, ClassifierModule, LogExpressionClassifier
 from ._cellular import CELLULARModule
-from ._rankformer import CONTEXT_KEY, RANKFORMERModule
+from ._rankformer import CONTEXT_KEY, TOKENS_KEY, RANKFORMERModule
 from ._scatlasvae import SCATLASVAEModule
 from ._scnym import SCNYMModule
 from ._scpretrain import PseudoLabelHeads, SCPRETRAINModule
 
 __all__ = [
     "CONTEXT_KEY",
+    "TOKENS_KEY",
     "CELLULARModule",
     "CellTyperModule",
     "ClassifierModule",

@@ -26,6 +26,9 @@ from ._base import ClassifierModule
 
 #: Registry key of the context profiles (previous time point) of a paired model.
 CONTEXT_KEY = "context"
+#: Key of tokens computed ahead of the module (a whole chunk of cells at inference);
+#: :meth:`RANKFORMERModule.tokenize` then uses them instead of tokenising the counts.
+TOKENS_KEY = "rank_tokens"
 
 
 class RANKFORMERModule(ClassifierModule):
@@ -142,7 +145,10 @@ class RANKFORMERModule(ClassifierModule):
         return self.n_tokens_context > 0
 
     def tokenize(self, tensors: dict[str, Tensor]) -> RankTokens:
-        """Rank-value tokens of the minibatch's counts (paired with the context's)."""
+        """Rank-value tokens of the minibatch's counts (paired with the context's), or
+        the tokens it carries already under :data:`TOKENS_KEY`."""
+        if TOKENS_KEY in tensors:
+            return tensors[TOKENS_KEY].to(self.gene_medians.device)
         if not self.paired:
             return rank_value_tokenize(
                 self.expression(tensors), self.gene_medians, self.n_tokens, self.n_bins

@@ -78,16 +78,18 @@ class AnnotationMixin(ConfidenceMixin):
         adata: AnnData | MuData | None,
         what: str = "adata",
         gene_column: str | None = None,
-        chunked: bool = False,
+        chunked: bool = True,
     ) -> Iterator:
-        """The registered object to compute on; new data get a temporary aligned copy
-        (aligned on ``var[gene_column]`` when given).
+        """The cells to compute on, aligned on ``var[gene_column]`` when given.
 
-        With ``chunked``, a :class:`~celltyper.model.base._inference.RowSource` instead:
+        With ``chunked`` (the default), a
+        :class:`~celltyper.model.base._inference.RowSource` for :meth:`_collect`:
         new data are then read block by block from the user's matrix (in memory or
         ``backed="r"``) and aligned per block, without a copy of the whole matrix
         (:func:`~celltyper.model.base._data.model_data_source`); fields that path does
-        not read fall back to the aligned copy.
+        not read fall back to the aligned copy. Without, the registered object: the
+        model's own, or a temporary aligned copy of new data registered with scvi-tools
+        (for code that reads it through scvi-tools' data loaders).
         """
         if adata is None or adata is self.adata:
             yield RowSource.from_manager(self.adata_manager) if chunked else self.adata

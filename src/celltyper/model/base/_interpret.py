@@ -107,7 +107,7 @@ class InterpretMixin:
         was_training = self.module.training
         self.module.eval()
         try:
-            with self._model_data(adata) as data:
+            with self._model_data(adata, chunked=False) as data:
                 x = self._background(data, target_idx, batch_size)
                 background = self._background(data, source_idx, batch_size)
                 names = data.obs_names[target_idx]
