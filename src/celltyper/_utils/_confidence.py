@@ -49,12 +49,22 @@ def max_probability_score(probabilities: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(probabilities).max(axis=1)
 
 
-def knn_distance_score(
-    latent: np.ndarray, reference_latent: np.ndarray, n_neighbors: int = 15
-) -> np.ndarray:
-    """Mean Euclidean distance of each cell to its nearest labelled reference cells."""
+def knn_index(reference_latent: np.ndarray, n_neighbors: int = 15) -> NearestNeighbors:
+    """The neighbour index of :func:`knn_distance_score`, to fit once and reuse."""
     k = min(n_neighbors, len(reference_latent))
-    index = NearestNeighbors(n_neighbors=k).fit(np.asarray(reference_latent, dtype=np.float32))
+    return NearestNeighbors(n_neighbors=k).fit(np.asarray(reference_latent, dtype=np.float32))
+
+
+def knn_distance_score(
+    latent: np.ndarray,
+    reference_latent: np.ndarray,
+    n_neighbors: int = 15,
+    index: NearestNeighbors | None = None,
+) -> np.ndarray:
+    """Mean Euclidean distance of each cell to its nearest labelled reference cells
+    (``index``: :func:`knn_index` of ``reference_latent``, fitted here when ``None``)."""
+    if index is None:
+        index = knn_index(reference_latent, n_neighbors)
     distances, _ = index.kneighbors(np.asarray(latent, dtype=np.float32))
     return distances.mean(axis=1)
 
@@ -83,12 +93,35 @@ def class_gaussians(
     return means, np.linalg.pinv(covariance)
 
 
-def mahalanobis_score(latent: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Squared Mahalanobis distance to the closest class (Lee et al., 2018)."""
-    latent = np.asarray(latent, dtype=np.float64)
-    diff = latent[:, None, :] - means[None, :, :]
-    distances = np.einsum("ncd,de,nce->nc", diff, precision, diff)
-    return distances.min(axis=1)
+def precision_factor(precision: np.ndarray) -> np.ndarray:
+    """``F`` with ``F @ F.T == precision`` (symmetric, positive semi-definite): squared
+    Mahalanobis distances become squared Euclidean distances after ``x @ F``."""
+    precision = np.asarray(precision, dtype=np.float64)
+    values, vectors = np.linalg.eigh(0.5 * (precision + precision.T))
+    return vectors * np.sqrt(np.clip(values, 0.0, None))
+
+
+def mahalanobis_score(
+    latent: np.ndarray,
+    means: np.ndarray,
+    precision: np.ndarray,
+    factor: np.ndarray | None = None,
+) -> np.ndarray:
+    """Squared Mahalanobis distance to the closest class (Lee et al., 2018).
+
+    Computed as Euclidean distances after one product with :func:`precision_factor`
+    (``factor``, computed here when ``None``): a matrix product per cell instead of one
+    per cell and class.
+    """
+    if factor is None:
+        factor = precision_factor(precision)
+    projected = np.asarray(latent, dtype=np.float64) @ factor
+    centres = np.asarray(means, dtype=np.float64) @ factor
+    best = np.full(len(projected), np.inf)
+    for centre in centres:
+        diff = projected - centre
+        np.minimum(best, np.einsum("nd,nd->n", diff, diff), out=best)
+    return best
 
 
 def _tail_transform(reference_scores: np.ndarray):

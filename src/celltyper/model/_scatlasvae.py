@@ -316,6 +316,9 @@ class SCATLASVAE(CellTyperModel):
         self._label_index(None)
         return self.module.classify(tensors)
 
+    def _logits_available(self) -> None:
+        self._label_index(None)
+
     def _head_probabilities(
         self, adata, indices, batch_size, keys, gene_column=None
     ) -> dict[str, pd.DataFrame]:

@@ -42,6 +42,11 @@ class CellTyperModule(BaseModuleClass):
         """Cell-type logits of the cells of a minibatch."""
         raise NotImplementedError("Every celltyper module must implement classify().")
 
+    def embed_and_classify(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`embed` and :meth:`classify` of a minibatch; a module whose logits are
+        computed from its latent overrides it to run the encoder once."""
+        return self.embed(tensors), self.classify(tensors)
+
     @staticmethod
     def expression(tensors: dict[str, Tensor]) -> Tensor:
         """The expression matrix of a minibatch."""
@@ -215,6 +220,11 @@ class LogExpressionClassifier(ClassifierModule):
     @auto_move_data
     def classify(self, tensors: dict[str, Tensor]) -> Tensor:
         return self.logits_from_log_expression(self.log_expression(tensors))
+
+    @auto_move_data
+    def embed_and_classify(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        z = self.encoder(self.log_expression(tensors))
+        return z, self.classifier(z)
 
     # -- BaseModuleClass interface --------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:

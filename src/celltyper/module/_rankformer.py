@@ -234,6 +234,11 @@ class RANKFORMERModule(ClassifierModule):
     def classify(self, tensors: dict[str, Tensor]) -> Tensor:
         return self.classifier(self.embed(tensors))
 
+    @auto_move_data
+    def embed_and_classify(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        z = self.embed(tensors)
+        return z, self.classifier(z)
+
     # -- BaseModuleClass interface --------------------------------------------------------
     def forward(
         self,

@@ -184,6 +184,13 @@ class SCATLASVAEModule(CellTyperModule):
         return self.classify_key(tensors, 0)
 
     @auto_move_data
+    def embed_and_classify(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if self.n_label_keys == 0:
+            return self.embed(tensors), self.classify(tensors)  # raises: no head
+        z = self.embed(tensors)
+        return z, self.heads[0](z)
+
+    @auto_move_data
     def classify_key(self, tensors: dict[str, Tensor], k: int) -> Tensor:
         """Logits of label key ``k`` (0 is the primary key)."""
         if not 0 <= k < self.n_label_keys:

@@ -158,7 +158,8 @@ class AnnotationMixin(ConfidenceMixin):
         outputs: dict[str, Callable],
         chunk_size: int | None = None,
     ) -> Iterator[tuple[slice | np.ndarray, dict[str, np.ndarray]]]:
-        """``outputs`` (name -> f(module inputs)) chunk by chunk, module in eval mode.
+        """``outputs`` (name -> f(module inputs)) chunk by chunk, module in eval mode; an
+        ``f`` may also return a dict of named tensors (one pass, several outputs).
 
         ``data`` is a registered AnnData or a ``RowSource``; ``indices`` increasing
         positions (or ``None``: every cell). Yields each chunk's row selection and its
@@ -175,10 +176,14 @@ class AnnotationMixin(ConfidenceMixin):
             with torch.inference_mode():
                 for rows in source.selectors(indices, chunk):
                     inputs, order = self._chunk_inputs(source.read(rows))
-                    parts: dict[str, list] = {name: [] for name in outputs}
+                    parts: dict[str, list] = {}
                     for tensors in split_minibatches(inputs, minibatch):
                         for name, fn in outputs.items():
-                            parts[name].append(fn(tensors).detach().cpu().numpy())
+                            value = fn(tensors)
+                            # An output may give several arrays at once: {name: tensor}.
+                            named = value if isinstance(value, dict) else {name: value}
+                            for key, tensor in named.items():
+                                parts.setdefault(key, []).append(tensor.detach().cpu().numpy())
                     values = {name: np.concatenate(p) for name, p in parts.items()}
                     if order is not None:
                         back = np.argsort(order, kind="stable")
@@ -204,10 +209,10 @@ class AnnotationMixin(ConfidenceMixin):
         :mod:`~celltyper.model.base._inference`); arrays in the order of ``indices``."""
         n_obs = data.n_obs
         positions, back = sorted_indices(indices, n_obs)
-        collected: dict[str, list] = {name: [] for name in outputs}
+        collected: dict[str, list] = {}
         for _, values in self._iter_outputs(data, positions, batch_size, outputs, chunk_size):
             for name, value in values.items():
-                collected[name].append(value)
+                collected.setdefault(name, []).append(value)
         result = {}
         for name, parts in collected.items():
             if parts:
@@ -379,11 +384,7 @@ class AnnotationMixin(ConfidenceMixin):
         write_to: str | Path | None = None,
     ):
         self._check_if_trained(warn=True)
-        outputs = {
-            "logits": self._logits,
-            "z": self.module.embed,
-            "batch": self._minibatch_batch_codes,
-        }
+        outputs = {"scores": self._scores}
         with self._model_data(adata, gene_column=gene_column, chunked=True) as source:
             positions, back = sorted_indices(indices, source.n_obs)
             names = _obs_names(source, indices)

@@ -15,8 +15,10 @@ from celltyper._utils._confidence import (
     energy_score,
     fit_temperature,
     knn_distance_score,
+    knn_index,
     mahalanobis_score,
     max_probability_score,
+    precision_factor,
     shift_adapted_thresholds,
 )
 
@@ -65,14 +67,19 @@ class ConfidenceMixin:
         n = len(next(iter(tensors.values())))
         return torch.zeros(n) if batch is None else batch.reshape(n, -1)[:, 0]
 
+    def _scores(self, tensors) -> dict[str, torch.Tensor]:
+        """Logits, latent and batch code of a minibatch, the encoder run once."""
+        self._logits_available()
+        z, logits = self.module.embed_and_classify(tensors)
+        return {"logits": logits, "z": z, "batch": self._minibatch_batch_codes(tensors)}
+
+    def _logits_available(self) -> None:
+        """Raise when the model has no classifier to score with (none by default)."""
+        return None
+
     def _scoring_outputs(self, data, indices, batch_size) -> dict[str, np.ndarray]:
         """Logits, latent and batch code of the cells, in one pass."""
-        outputs = {
-            "logits": self._logits,
-            "z": self.module.embed,
-            "batch": self._minibatch_batch_codes,
-        }
-        return self._collect(data, indices, batch_size, outputs)
+        return self._collect(data, indices, batch_size, {"scores": self._scores})
 
     # -- held-out cells -----------------------------------------------------------------
     def _validation_labelled(self) -> np.ndarray:
@@ -181,8 +188,20 @@ class ConfidenceMixin:
         if reference is None:
             raise ValueError(f"novelty method {method!r} needs calibrate_novelty() first.")
         if method == "knn_distance":
-            return knn_distance_score(latent, reference["latent"])
-        return mahalanobis_score(latent, reference["means"], reference["precision"])
+            index = self._reference_cache("knn", reference["latent"], knn_index)
+            return knn_distance_score(latent, reference["latent"], index=index)
+        factor = self._reference_cache("factor", reference["precision"], precision_factor)
+        return mahalanobis_score(latent, reference["means"], reference["precision"], factor)
+
+    def _reference_cache(self, name: str, array: np.ndarray, build) -> Any:
+        """``build(array)``, kept while the model holds this very ``array`` (computed once
+        for the chunks of an annotation and for later calls; calibrating again or loading
+        another reference replaces the array, so the cache follows)."""
+        cache = self.__dict__.setdefault("_novelty_cache", {})
+        held = cache.get(name)
+        if held is None or held[0] is not array:
+            held = cache[name] = (array, build(array))
+        return held[1]
 
     def _novelty_thresholds(
         self, scores: np.ndarray, batches: np.ndarray, novelty_threshold: float | None

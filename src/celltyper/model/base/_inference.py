@@ -27,9 +27,10 @@ from scvi.data._utils import registry_key_to_default_dtype
 
 from celltyper._utils import CHUNK_VALUES, is_in_memory, select_gene_columns
 
-#: Minibatch of a module call at inference when the caller gives none: the whole chunk
-#: (one large matrix product per layer) unless the model asks for less.
-DEFAULT_INFERENCE_BATCH = 8192
+#: Minibatch of a module call at inference when the caller gives none: large enough for
+#: efficient matrix products, small enough that the elementwise steps (normalisation,
+#: activations) stay in the CPU's cache (measured fastest of 256 to 8,192 on 2 cores).
+DEFAULT_INFERENCE_BATCH = 1024
 
 
 def chunk_rows_for(n_genes: int, chunk_size: int | None = None) -> int:
