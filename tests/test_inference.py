@@ -193,3 +193,43 @@ def test_scale_benchmark_writes_resampled_counts(tmp_path):
     assert np.all(values == np.round(values)) and values.min() > 0
     assert {"cell_type", "condition", "source_cell"} <= set(adata.obs.columns)
     assert isinstance(adata.obs["cell_type"].dtype, pd.CategoricalDtype)
+
+
+def test_cli_streams_a_query_above_the_threshold(tmp_path, monkeypatch):
+    from test_cli import _write_pair
+
+    from celltyper.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    parts = _write_pair(tmp_path, n_genes=60)
+    query = parts["query"][1]
+    code = main(
+        [
+            "annotate",
+            "--reference", str(parts["reference"][0]),
+            "--query", str(parts["query"][0]),
+            "--labels-key", "cell_type",
+            "--batch-key", "tech",
+            "--model", "scnym",
+            "--max-epochs", "1",
+            "--stream-above", "100",
+            "--output", "out",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = tmp_path / "out"
+    table = pd.read_csv(out / "predictions.csv", index_col=0)
+    assert list(table.index) == list(query.obs_names)
+    written, latent = read_annotation(out / "annotation.h5")
+    assert (written["prediction"].astype(str).to_numpy() == table["prediction"].to_numpy()).all()
+    assert latent.shape[0] == query.n_obs
+    assert not (out / "annotated.h5ad").exists()
+
+
+def test_cli_rejects_a_negative_stream_threshold(capsys):
+    from celltyper.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotate", "--reference", "r.h5ad", "--query", "q.h5ad", "--stream-above", "-1"])
+    assert exit_info.value.code == 2
+    assert "--stream-above" in capsys.readouterr().err

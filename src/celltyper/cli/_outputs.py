@@ -62,6 +62,7 @@ def write_outputs(
     output: str | Path,
     key: str,
     extra_uns: dict | None = None,
+    annotated: bool = True,
 ) -> dict[str, Path]:
     """Write ``predictions.csv``, ``annotated.h5ad`` and ``umap.png`` into ``output``.
 
@@ -78,6 +79,9 @@ def write_outputs(
         The annotation prefix, the model name in lower case.
     extra_uns
         Stored as ``uns["celltyper"]`` of ``annotated.h5ad`` (strings and numbers only).
+    annotated
+        Write ``annotated.h5ad`` and ``umap.png``; ``False`` for a streamed annotation
+        (``--stream-above``), whose latent is in ``annotation.h5``.
 
     ``umap.png`` has one panel each for the prediction, the confidence and the novelty
     flag (flagged cells in red, with their number in the title), then the true labels when
@@ -108,6 +112,11 @@ def write_outputs(
         csv["true_label"] = truth.to_numpy()
     paths = {"csv": out / "predictions.csv", "h5ad": out / "annotated.h5ad"}
     csv.to_csv(paths["csv"], index=False)
+    if not annotated:
+        del paths["h5ad"]
+        paths["annotation"] = out / "annotation.h5"
+        say("Writing", ", ".join(str(p) for p in paths.values()))
+        return paths
 
     if extra_uns:
         query.uns["celltyper"] = dict(extra_uns)

@@ -175,6 +175,16 @@ def _add_training_options(annotate: argparse.ArgumentParser) -> None:
         help="a keyword of the model's constructor (n_latent=16, dropout_rate=0.2); "
         "repeatable, VALUE read as for --train-option",
     )
+    annotate.add_argument(
+        "--stream-above",
+        type=_cell_count,
+        default=STREAM_ABOVE,
+        metavar="N",
+        help="annotate a query of more than N cells chunk by chunk, writing its table and "
+        "latent to annotation.h5 as they are computed (predictions.csv follows; "
+        "annotated.h5ad and umap.png are left out); 0 always streams (default: "
+        f"{STREAM_ABOVE:,})",
+    )
     annotate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     annotate.add_argument(
         "--accelerator",
@@ -182,6 +192,23 @@ def _add_training_options(annotate: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "gpu"],
         help="where to train (default: auto)",
     )
+
+
+#: Query cells above which ``annotate`` streams the annotation to disk (``--stream-above``).
+STREAM_ABOVE = 500_000
+
+
+def _cell_count(text: str) -> int:
+    """A whole number of cells >= 0 (``--stream-above``)."""
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of cells, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of cells >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -103,6 +104,7 @@ def run_annotation(
     context_layer: str | None = None,
     train_options: dict[str, object] | None = None,
     model_options: dict[str, object] | None = None,
+    stream_to: str | None = None,
 ) -> tuple[object, pd.DataFrame]:
     """Train a model on ``training`` and annotate ``inputs.query`` with it.
 
@@ -129,6 +131,10 @@ def run_annotation(
     context_layer
         Layer of ``training`` and ``inputs.query`` with each cell's context profile: the
         model (RANKFORMER) trains in its paired mode.
+    stream_to
+        Annotate chunk by chunk and write the table and latent to this ``.h5``/``.zarr``
+        file as they are computed (``annotation_table(write_to=...)``) instead of into
+        ``inputs.query``; the table returned is read back from it.
     train_options
         Further keywords of the model's ``train()`` (``--train-option``), already
         checked by name.
@@ -208,7 +214,15 @@ def run_annotation(
         inputs.query.obs[ROLE_KEY] = pd.Categorical(
             ["query"] * inputs.query.n_obs, categories=["query", "reference"]
         )
-    table = fitted.annotate(inputs.query, overwrite=True, gene_column=inputs.query_gene_column)
+    if stream_to is None:
+        table = fitted.annotate(inputs.query, overwrite=True, gene_column=inputs.query_gene_column)
+    else:
+        from celltyper.model.base import read_annotation
+
+        fitted.annotation_table(
+            inputs.query, gene_column=inputs.query_gene_column, write_to=stream_to
+        )
+        table, _ = read_annotation(stream_to)
     counts = table["prediction"].value_counts()
     summary = ", ".join(f"{name} {n:,}" for name, n in counts.items() if n)
     say("", f"predicted: {summary}; {int(table['novel'].sum()):,} flagged novel")
@@ -309,6 +323,10 @@ def annotate_command(args: argparse.Namespace) -> int:
     context_setup(cls, args.context_layer)  # before any data are joined
     train_options = check_train_options(cls, args.train_options)
     model_options = check_model_options(cls, args.model_options)
+    stream_to = None
+    if inputs.query.n_obs > args.stream_above:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        stream_to = str(Path(args.output) / "annotation.h5")
     with quiet_third_party():
         training = build_training_data(inputs, context_layer=args.context_layer)
         fitted, table = run_annotation(
@@ -323,6 +341,7 @@ def annotate_command(args: argparse.Namespace) -> int:
             context_layer=args.context_layer,
             train_options=train_options,
             model_options=model_options,
+            stream_to=stream_to,
         )
         scores = score_predictions(inputs, table, fitted.cell_types)
         threshold = fitted.novelty_threshold_
@@ -338,6 +357,8 @@ def annotate_command(args: argparse.Namespace) -> int:
             "novelty_threshold": np.nan if threshold is None else float(threshold),
             **{f"score_{name}": float(value) for name, value in scores.items()},
         }
-        write_outputs(inputs, table, args.output, key, extra_uns=provenance)
+        write_outputs(
+            inputs, table, args.output, key, extra_uns=provenance, annotated=stream_to is None
+        )
         say("Done", f"in {time.perf_counter() - start:.1f} s")
     return 0
