@@ -233,3 +233,26 @@ def test_cli_rejects_a_negative_stream_threshold(capsys):
         main(["annotate", "--reference", "r.h5ad", "--query", "q.h5ad", "--stream-above", "-1"])
     assert exit_info.value.code == 2
     assert "--stream-above" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["SCNYM", "CELLULAR"])
+def test_sparse_rows_path_equals_dense_with_batch_centering(name):
+    cls = getattr(celltyper.model, name)
+    adata = make_counts_adata(cells_per=20, seed=3)
+    cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = cls(adata, batch_centering=True, **tiny_kwargs(cls))
+    options = train_kwargs(cls)
+    options["max_epochs"] = 1
+    model.train(**options)
+    query = make_counts_adata(cells_per=20, seed=5)
+    sparse_probs = model.predict(query, soft=True).to_numpy()
+    dense = query.copy()
+    dense.X = dense.X.toarray()
+    dense_probs = model.predict(dense, soft=True).to_numpy()
+    np.testing.assert_allclose(sparse_probs, dense_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_latent_representation(query),
+        _legacy(model, query, model.module.embed),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
@@ -11,6 +12,35 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
 
 from celltyper.nn import labelled_cross_entropy, log1p_normalize
+
+
+class SparseRows:
+    """Rows of a CSR matrix (scipy) handed to a module at inference, sliced by rows.
+
+    A module whose encoder opens with a linear layer multiplies the stored entries only
+    (:meth:`LogExpressionClassifier.sparse_input_layer`) instead of a densified matrix:
+    a cell expresses a small share of the genes.
+    """
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def __getitem__(self, rows) -> SparseRows:
+        return SparseRows(self.matrix[rows])
+
+    def tensor(self, device: torch.device) -> Tensor:
+        """The rows as a torch sparse CSR tensor (float32) on ``device``."""
+        m = self.matrix
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(np.asarray(m.data, dtype=np.float32)),
+            size=m.shape,
+            device=device,
+        )
 
 
 class CellTyperModule(BaseModuleClass):
@@ -213,17 +243,56 @@ class LogExpressionClassifier(ClassifierModule):
     def logits_from_interpretation_input(self, x: Tensor) -> Tensor:
         return self.logits_from_log_expression(x)
 
+    # -- inference on sparse rows ------------------------------------------------------
+    def sparse_input_layer(self) -> tuple[nn.Linear, Callable[[Tensor], Tensor]] | None:
+        """The encoder's opening linear layer and the rest of the encoder, when the
+        encoder opens with one (``None`` otherwise): at inference, the layer is then
+        applied to the stored entries of sparse rows only (:class:`SparseRows`)."""
+        return None
+
+    def reads_sparse_rows(self) -> bool:
+        """Whether inference may hand this module :class:`SparseRows` expression."""
+        return self.sparse_input_layer() is not None
+
+    def _sparse_encode(self, tensors: dict[str, Tensor]) -> Tensor:
+        """The encoder's output for :class:`SparseRows` expression: the log-normalised
+        stored entries times the opening layer's weights (batch centring subtracts each
+        batch mean's product), then the rest of the encoder; the dense result to
+        rounding."""
+        first, rest = self.sparse_input_layer()
+        weight = first.weight
+        rows = tensors[REGISTRY_KEYS.X_KEY].matrix
+        values = np.asarray(rows.data, dtype=np.float32)
+        if self.normalize_counts:
+            totals = np.asarray(rows.sum(axis=1), dtype=np.float32).reshape(-1)
+            totals = np.where(totals > 0, totals, np.float32(1.0))
+            per_entry = np.repeat(totals, np.diff(rows.indptr))
+            values = np.log1p(values / per_entry * np.float32(self.target_sum()))
+        x = SparseRows(type(rows)((values, rows.indices, rows.indptr), shape=rows.shape))
+        hidden = torch.sparse.mm(x.tensor(weight.device), weight.T)
+        if first.bias is not None:
+            hidden = hidden + first.bias
+        if self.batch_centering:
+            codes = tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1).to(weight.device)
+            hidden = hidden - (self.batch_means @ weight.T)[codes]
+        return rest(hidden)
+
+    def _encode(self, tensors: dict[str, Tensor]) -> Tensor:
+        if isinstance(tensors.get(REGISTRY_KEYS.X_KEY), SparseRows):
+            return self._sparse_encode(tensors)
+        return self.encoder(self.log_expression(tensors))
+
     @auto_move_data
     def embed(self, tensors: dict[str, Tensor]) -> Tensor:
-        return self.embed_log_expression(self.log_expression(tensors))
+        return self._encode(tensors)
 
     @auto_move_data
     def classify(self, tensors: dict[str, Tensor]) -> Tensor:
-        return self.logits_from_log_expression(self.log_expression(tensors))
+        return self.classifier(self._encode(tensors))
 
     @auto_move_data
     def embed_and_classify(self, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        z = self.encoder(self.log_expression(tensors))
+        z = self._encode(tensors)
         return z, self.classifier(z)
 
     # -- BaseModuleClass interface --------------------------------------------------------

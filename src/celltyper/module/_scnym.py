@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,18 @@ class SCNYMModule(LogExpressionClassifier):
 
     def target_sum(self) -> float:
         return CPM_TARGET_SUM
+
+    def sparse_input_layer(self) -> tuple[nn.Linear, Callable[[Tensor], Tensor]] | None:
+        # FCLayers without covariates applies its layers one after the other.
+        if self.encoder.n_cat_list and any(n > 1 for n in self.encoder.n_cat_list):
+            return None
+        blocks = [
+            [layer for layer in block if layer is not None] for block in self.encoder.fc_layers
+        ]
+        if not blocks or not isinstance(blocks[0][0], nn.Linear):
+            return None
+        rest = nn.Sequential(*blocks[0][1:], *(layer for block in blocks[1:] for layer in block))
+        return blocks[0][0], rest
 
     def query_trainable_parameters(self) -> Iterable[str]:
         # AdaBN-style adaptation: normalisation layers and the adversary move with the

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -84,6 +84,9 @@ class SCPRETRAINModule(LogExpressionClassifier):
         self._target_sum = float(target_sum)
         self.encoder = _encoder(n_input, tuple(n_hidden), n_latent)
         self.classifier = _classifier(n_latent, classifier_hidden, n_labels)
+
+    def sparse_input_layer(self) -> tuple[nn.Linear, Callable[[Tensor], Tensor]] | None:
+        return self.encoder[0], self.encoder[1:]
 
     def target_sum(self) -> float:
         return self._target_sum

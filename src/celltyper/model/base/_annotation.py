@@ -13,10 +13,13 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from mudata import MuData
+from scipy import sparse
 from scipy.special import softmax
+from scvi import REGISTRY_KEYS
 from scvi.data._constants import _SCVI_UUID_KEY
 
 from celltyper._utils._clusters import majority_vote, over_cluster
+from celltyper.module._base import SparseRows
 
 from ._confidence import ConfidenceMixin
 from ._data import Registration, build_model_data, model_data_source
@@ -145,9 +148,18 @@ class AnnotationMixin(ConfidenceMixin):
         ``block`` maps registry keys to the chunk's rows (matrices dense or scipy
         sparse, obs fields as codes). Returns the inputs, sliced by rows into minibatches
         (tensors, by default every field densified once: what scvi-tools'
-        ``AnnDataLoader`` would give), and an order of the chunk's cells in which to
+        ``AnnDataLoader`` would give; a sparse expression matrix stays sparse, as
+        :class:`~celltyper.module._base.SparseRows`, for a module that reads it so),
+        and an order of the chunk's cells in which to
         compute them (``None``: as read); the outputs are put back in the read order.
         """
+        x = block.get(REGISTRY_KEYS.X_KEY)
+        reads_sparse = getattr(self.module, "reads_sparse_rows", None)
+        if sparse.issparse(x) and reads_sparse is not None and reads_sparse():
+            # The module multiplies the stored entries only: no densification at all.
+            tensors = dense_tensors({k: v for k, v in block.items() if k != REGISTRY_KEYS.X_KEY})
+            tensors[REGISTRY_KEYS.X_KEY] = SparseRows(sparse.csr_matrix(x, dtype=np.float32))
+            return tensors, None
         return dense_tensors(block), None
 
     def _iter_outputs(
