@@ -26,6 +26,7 @@ import celltyper.model
 from celltyper._utils import _matrix, check_matrix_values, iter_row_chunks
 from celltyper.data import nonzero_gene_medians
 from celltyper.model._cellular import centroid_distances, streamed_centroid_distances
+from celltyper.model.base import _inference
 from celltyper.model.base._centering import batch_log_means
 from celltyper.nn import kmeans
 
@@ -36,8 +37,6 @@ _TRAIN = {"max_epochs": 1, "enable_progress_bar": False, "batch_size": 32}
 _TRAIN_BY_MODEL = {
     "SCPRETRAIN": {"pretrain_epochs": 1, "pretrain_batch_size": 32, "kmeans_batch_size": 32}
 }
-#: scvi-tools' default minibatch of inference (prediction, calibration).
-_INFERENCE_BATCH = 128
 #: Rows per block read from disk in these tests.
 _ROWS_PER_CHUNK = 24
 
@@ -59,6 +58,8 @@ def _digest(path: Path) -> str:
 def small_chunks(monkeypatch):
     """Blocks of at most ``_ROWS_PER_CHUNK`` rows from disk (the tiny file has 60 genes)."""
     monkeypatch.setattr(_matrix, "CHUNK_VALUES", _ROWS_PER_CHUNK * 60)
+    # The inference loop (prediction, calibration) reads its own chunks of that size.
+    monkeypatch.setattr(_inference, "CHUNK_VALUES", _ROWS_PER_CHUNK * 60)
 
 
 @pytest.fixture
@@ -104,9 +105,9 @@ def test_trains_and_predicts_from_a_backed_file_without_reading_it_whole(
     assert model.is_trained_
     assert len(predicted) == backed.n_obs
     assert set(predicted) <= set(model.cell_types)
-    # No read took the labelled cells (180) or more: statistics came in blocks of 24
-    # rows, minibatches by rows (32 in training, scvi-tools' 128 in inference).
-    assert read_sizes and max(read_sizes) <= _INFERENCE_BATCH
+    # No read took the labelled cells (180) or more: statistics and inference came in
+    # blocks of 24 rows, training minibatches by rows (32).
+    assert read_sizes and max(read_sizes) <= _ROWS_PER_CHUNK + 8
     # The file is untouched; the registration lives in memory only.
     assert backed.isbacked and _digest(path) == before
     assert "_scvi_labels" not in ad.read_h5ad(path, backed="r").obs.columns
@@ -228,9 +229,10 @@ def test_centroid_distances_from_blocks_match_the_full_pca(on_disk):
     x = np.log1p(memory.X.toarray())
     labels = memory.obs["cell_type"].cat.codes.to_numpy()
     expected = centroid_distances(x, labels, 5)
-    blocks = ((s, min(s + 40, len(x)), x[s : s + 40]) for s in range(0, len(x), 40))
-    got = streamed_centroid_distances(blocks, labels, 5, x.shape[1])
-    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    for widest in (60, 0):  # the summed covariance, or scikit-learn's IncrementalPCA
+        blocks = ((s, min(s + 40, len(x)), x[s : s + 40]) for s in range(0, len(x), 40))
+        got = streamed_centroid_distances(blocks, labels, 5, x.shape[1], widest)
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
 
 
 def test_kmeans_from_disk_equals_kmeans_in_memory(on_disk):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 from mudata import MuData
-from scipy import sparse
+from scipy import linalg, sparse
 from scvi import REGISTRY_KEYS
 from sklearn.decomposition import PCA, IncrementalPCA
 
@@ -57,18 +57,27 @@ def _pairwise_distances(centroids: np.ndarray, present: np.ndarray) -> np.ndarra
     return distances * (present[:, None] & present[None, :])
 
 
+#: Widest input whose covariance (float64, features x features) the streamed PCA keeps;
+#: wider inputs use scikit-learn's ``IncrementalPCA``.
+MAX_COVARIANCE_FEATURES = 4096
+
+
 def streamed_centroid_distances(
     blocks: Iterable[tuple[int, int, np.ndarray]],
     labels: np.ndarray,
     n_labels: int,
     n_features: int,
+    max_covariance_features: int = MAX_COVARIANCE_FEATURES,
 ) -> np.ndarray:
     """:func:`centroid_distances` of data read block by block (a matrix on disk).
 
-    The PCA is scikit-learn's ``IncrementalPCA``, fitted on batches of consecutive cells
-    (at least ``5 x`` the components each); the centroids are the class means of the
-    inputs, projected, as the PCA is linear. The class means are exact; the components
-    match those of :func:`centroid_distances` closely but not bit for bit.
+    The centroids are the class means of the inputs, projected on the principal axes
+    (the PCA is linear), so only the axes need the data. Up to
+    ``max_covariance_features`` columns, they are the top eigenvectors of the covariance
+    summed over the blocks (exact: the axes of a full PCA; the in-memory
+    :func:`centroid_distances` uses a randomized one, so the distances agree closely, not
+    bit for bit); wider data go through scikit-learn's ``IncrementalPCA`` on batches of
+    at least ``5 x`` the components.
 
     Parameters
     ----------
@@ -80,21 +89,31 @@ def streamed_centroid_distances(
         Number of classes.
     n_features
         Columns of the data.
+    max_covariance_features
+        Widest data whose covariance is kept.
     """
     n_cells = len(labels)
     n_components = min(MAX_PCA_COMPONENTS, n_cells - 1, n_features)
-    step = max(5 * n_components, 1024)
-    # Batch ends: the last batch holds at least n_components cells.
-    ends = list(range(step, n_cells, step))
-    if ends and n_cells - ends[-1] < n_components:
-        ends.pop()
-    ends.append(n_cells)
-    pca = IncrementalPCA(n_components=n_components)
+    use_covariance = n_features <= max_covariance_features
+    if use_covariance:
+        gram = np.zeros((n_features, n_features))
+    else:
+        pca = IncrementalPCA(n_components=n_components)
+        step = max(5 * n_components, 1024)
+        # Batch ends: the last batch holds at least n_components cells.
+        ends = list(range(step, n_cells, step))
+        if ends and n_cells - ends[-1] < n_components:
+            ends.pop()
+        ends.append(n_cells)
+        pending: list[np.ndarray] = []
+        fitted = 0
     sums = np.zeros((n_labels, n_features))
-    pending: list[np.ndarray] = []
-    fitted = 0
     for start, stop, x in blocks:
         sums += _class_sums(x, labels[start:stop], n_labels)
+        if use_covariance:
+            x64 = np.asarray(x, dtype=np.float64)
+            gram += x64.T @ x64
+            continue
         pending.append(x)
         while ends and stop >= ends[0]:
             batch = np.concatenate(pending)
@@ -104,7 +123,15 @@ def streamed_centroid_distances(
             fitted += take
     counts = np.bincount(labels, minlength=n_labels)
     means = sums / np.maximum(counts, 1)[:, None]
-    centroids = (means - pca.mean_) @ pca.components_.T
+    if use_covariance:
+        mean = sums.sum(axis=0) / n_cells
+        covariance = gram / n_cells - np.outer(mean, mean)
+        _, axes = linalg.eigh(
+            covariance, subset_by_index=[n_features - n_components, n_features - 1]
+        )
+    else:
+        mean, axes = pca.mean_, pca.components_.T
+    centroids = (means - mean) @ axes
     return _pairwise_distances(centroids, counts > 0)
 
 
