@@ -31,6 +31,7 @@ from ._validation import (
     check_obs_key,
     get_matrix,
     require_counts,
+    sampled_input_kind,
 )
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "n_rows",
     "require_counts",
     "row_totals",
+    "sampled_input_kind",
     "seeded",
     "select_gene_columns",
 ]

@@ -87,6 +87,22 @@ def check_matrix_values(matrix, what: str = "adata.X") -> InputKind:
     return _kind_of(_stored_values(rows))
 
 
+def sampled_input_kind(matrix) -> InputKind:
+    """Counts or normalised values, from the first 5,000 rows only (no value check).
+
+    For a matrix on disk whose values :func:`check_matrix_values` has already read; the
+    rows are read in blocks like everything else.
+    """
+    for start, stop, block in iter_row_chunks(matrix, dense=False):
+        sampled = block[: _N_ROWS_SAMPLED - start] if stop > _N_ROWS_SAMPLED else block
+        sample = _stored_values(sampled)
+        if _kind_of(sample[np.isfinite(sample)]) == "normalized":
+            return "normalized"
+        if stop >= _N_ROWS_SAMPLED:
+            break
+    return "counts"
+
+
 def _check_values(values: np.ndarray, what: str) -> None:
     if not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"{what} holds non-numeric values ({values.dtype}).")

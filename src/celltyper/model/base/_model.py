@@ -21,7 +21,9 @@ from celltyper._utils import (
     check_not_empty,
     check_obs_key,
     get_matrix,
+    is_in_memory,
     require_counts,
+    sampled_input_kind,
 )
 
 from ._annotation import AnnotationMixin
@@ -223,7 +225,10 @@ class CellTyperModel(
         """Record the kind of input and check the labels (and that batch centring can
         work, when asked); call in ``__init__``."""
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        self.input_kind_ = check_matrix_values(matrix)
+        if is_in_memory(matrix):
+            self.input_kind_ = check_matrix_values(matrix)
+        else:  # setup_anndata has read every value of the file; no second pass
+            self.input_kind_ = sampled_input_kind(matrix)
         if self._input_kind == "counts":
             require_counts(self.input_kind_, type(self).__name__)
         if (
