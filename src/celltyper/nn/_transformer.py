@@ -68,6 +68,18 @@ class MultiHeadSelfAttention(nn.Module):
         heads = self.heads(x, padding_mask)
         return self.out(heads.reshape(x.shape[0], x.shape[1], self.d_model))
 
+    def first_query(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The output at position 0 only, ``(B, 1, d_model)``: :meth:`forward`'s first
+        row, with the query projected for that position alone (inference)."""
+        d = self.d_model
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, :1], weight[:d], None if bias is None else bias[:d])
+        k, v = F.linear(x, weight[d:], None if bias is None else bias[d:]).chunk(2, dim=-1)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        attn_mask = None if padding_mask is None else (~padding_mask)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(out.transpose(1, 2).reshape(x.shape[0], 1, d))
+
 
 class TransformerEncoderLayer(nn.Module):
     """Pre-LayerNorm encoder layer: ``x + Attn(LN(x))``, then ``x + FF(LN(x))``.
@@ -98,6 +110,14 @@ class TransformerEncoderLayer(nn.Module):
         x = x + self.dropout(self.attention(self.norm_attention(x), padding_mask))
         return x + self.dropout(self.feed_forward(self.norm_ff(x)))
 
+    def forward_first(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward` at position 0 only, ``(B, 1, d_model)`` (every position is
+        still attended to); for the last layer when only the CLS output is needed."""
+        first = x[:, :1] + self.dropout(
+            self.attention.first_query(self.norm_attention(x), padding_mask)
+        )
+        return first + self.dropout(self.feed_forward(self.norm_ff(first)))
+
 
 class TransformerEncoder(nn.Module):
     """A stack of :class:`TransformerEncoderLayer` with a final LayerNorm.
@@ -122,3 +142,10 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, padding_mask)
         return self.norm(x)
+
+    def forward_first(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The final hidden state of position 0 (e.g. CLS), ``(B, d_model)``: the last
+        layer computes that position only."""
+        for layer in self.layers[:-1]:
+            x = layer(x, padding_mask)
+        return self.norm(self.layers[-1].forward_first(x, padding_mask))[:, 0]
