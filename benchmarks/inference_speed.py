@@ -9,8 +9,10 @@ query, and RANKFORMER's rank tokenisation. scANVI (scvi-tools) is timed on the s
     python -m benchmarks.inference_speed --cells 50000
     python -m benchmarks.inference_speed --cells 50000 --models SCNYM SCANVI --profile
 
-Each figure is the best of ``--repeats`` runs (a shared machine's noise only slows runs
-down). ``--profile`` prints the top of a cProfile of one ``predict`` per model.
+``predict`` is the best of ``--repeats`` rounds over all the models (a shared machine's
+noise only slows runs down, and rounds spread it over the models alike); ``before`` is
+the same prediction through the path celltyper used before its chunked loop.
+``--profile`` prints the top of a cProfile of one ``predict`` per model.
 """
 
 from __future__ import annotations
@@ -161,13 +163,24 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     kang, query = repeated_kang(args.cells)
     small = query[:1000].copy()
+    models = {name: train_model(name, kang) for name in args.models}
+    cells = {
+        name: query[: args.rankformer_cells].copy()
+        if name == "RANKFORMER" and args.rankformer_cells
+        else query
+        for name in args.models
+    }
+    # Rounds over the models, best of each: a shared machine's load then weighs on
+    # every model alike instead of on whichever ran in a busy minute.
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            rate = cells[name].n_obs / _best(lambda m=model, c=cells[name]: m.predict(c), 1)
+            best[name] = max(best.get(name, 0.0), rate)
     rows = []
-    for name in args.models:
-        model = train_model(name, kang)
-        cells = query
-        if name == "RANKFORMER" and args.rankformer_cells:
-            cells = query[: args.rankformer_cells].copy()
-        row = measure(name, model, cells, small, args.repeats, args.profile)
+    for name, model in models.items():
+        row = measure(name, model, cells[name], small, 1, args.profile)
+        row["predict"] = max(row["predict"], best[name])
         if name == "RANKFORMER":
             row["tokenise"] = tokenisation_rate(model, query)
         rows.append(row)
