@@ -29,7 +29,8 @@ def get_matrix(adata: AnnData, layer: str | None, what: str = "adata"):
             raise ValueError(
                 f"{what} is an AnnCollection (through scvi-tools' CollectionAdapter), which "
                 "has no X; pass layer= naming a sparse counts layer of its files, e.g. "
-                "setup_anndata(adapter, layer='counts')."
+                "setup_anndata(adapter, layer='counts') (new data given to a model need "
+                "the layer the model was set up with)."
             )
         if adata.X is None:
             raise ValueError(f"{what}.X is empty (None); pass layer= naming the counts layer.")
