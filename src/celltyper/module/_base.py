@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -34,13 +35,17 @@ class SparseRows:
     def tensor(self, device: torch.device) -> Tensor:
         """The rows as a torch sparse CSR tensor (float32) on ``device``."""
         m = self.matrix
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(m.indptr.astype(np.int64)),
-            torch.from_numpy(m.indices.astype(np.int64)),
-            torch.from_numpy(np.asarray(m.data, dtype=np.float32)),
-            size=m.shape,
-            device=device,
-        )
+        with warnings.catch_warnings():
+            # torch's notice that sparse CSR support is "in beta" says nothing to a user.
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support")
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(m.indptr.astype(np.int64)),
+                torch.from_numpy(m.indices.astype(np.int64)),
+                torch.from_numpy(np.asarray(m.data, dtype=np.float32)),
+                size=m.shape,
+                device=device,
+                check_invariants=False,  # scipy's CSR is valid; checking costs a pass
+            )
 
 
 class CellTyperModule(BaseModuleClass):

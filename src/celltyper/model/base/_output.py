@@ -60,7 +60,8 @@ class _ArrayWriter:
             import zarr
 
             self.file = None
-            self.group = zarr.open_group(str(path), mode="w")
+            # Format 2: fixed-width text arrays are stable there (zarr 3 warns on them).
+            self.group = zarr.open_group(str(path), mode="w", zarr_format=2)
         self.group.attrs["cell_types"] = [str(c) for c in cell_types]
         self.group.attrs["format"] = "celltyper annotation"
         self._create("obs_names", (self.n,), self._string_dtype(names))
