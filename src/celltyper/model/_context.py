@@ -23,7 +23,7 @@ from scvi.data._utils import _verify_and_correct_data_format
 from scvi.data.fields import BaseAnnDataField
 from scvi.data.fields._mudata import BaseMuDataWrapperClass
 
-from celltyper._utils import check_matrix_values, check_obs_key, get_matrix
+from celltyper._utils import check_matrix_values, check_obs_key, get_matrix, row_totals
 from celltyper.module import CONTEXT_KEY
 
 from .base import FieldFactory
@@ -110,7 +110,7 @@ class ContextProfiles:
 
 
 def _row_totals(matrix) -> np.ndarray:
-    return np.asarray(matrix.sum(axis=1)).reshape(-1)
+    return row_totals(matrix)  # a layer on disk is summed block by block
 
 
 def _context_layer_matrix(rna: AnnData, setup: ContextSetup, what: str):
