@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     scanvi = next((r["predict"] for r in rows if r["model"] == "SCANVI"), None)
     print(f"\n{args.cells:,} cells, torch threads {torch.get_num_threads()}")
     print(
-        f"{'model':<11} {'predict/s':>10} {'table/s':>10} {'latent/s':>10} "
+        f"{'model':<11} {'predict/s':>10} {'before/s':>10} {'table/s':>10} {'latent/s':>10} "
         f"{'x scANVI':>8} {'1k annotate s':>13}"
     )
     for row in rows:

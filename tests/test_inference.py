@@ -235,16 +235,22 @@ def test_cli_rejects_a_negative_stream_threshold(capsys):
     assert "--stream-above" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["SCNYM", "CELLULAR"])
-def test_sparse_rows_path_equals_dense_with_batch_centering(name):
+@pytest.mark.parametrize(
+    ("name", "centring"),
+    [("SCNYM", True), ("SCNYM", False), ("SCPRETRAIN", False), ("CELLULAR", True),
+     ("CELLULAR", False)],
+)  # fmt: skip
+def test_sparse_rows_path_equals_dense(name, centring):
     cls = getattr(celltyper.model, name)
     adata = make_counts_adata(cells_per=20, seed=3)
     cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    model = cls(adata, batch_centering=True, **tiny_kwargs(cls))
+    centring_option = {"batch_centering": True} if centring else {}
+    model = cls(adata, **centring_option, **tiny_kwargs(cls))
     options = train_kwargs(cls)
     options["max_epochs"] = 1
     model.train(**options)
     query = make_counts_adata(cells_per=20, seed=5)
+    assert model.module.reads_sparse_rows()
     sparse_probs = model.predict(query, soft=True).to_numpy()
     dense = query.copy()
     dense.X = dense.X.toarray()

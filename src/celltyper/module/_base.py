@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import sparse
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
@@ -255,32 +256,71 @@ class LogExpressionClassifier(ClassifierModule):
         applied to the stored entries of sparse rows only (:class:`SparseRows`)."""
         return None
 
+    def sparse_input_norm(self) -> nn.LayerNorm | None:
+        """A LayerNorm over the genes that the encoder applies before its opening linear
+        layer (``None``: none). Sparse inference folds it into that layer: per cell, the
+        mean and variance over all genes come from the stored entries alone."""
+        return None
+
     def reads_sparse_rows(self) -> bool:
         """Whether inference may hand this module :class:`SparseRows` expression."""
         return self.sparse_input_layer() is not None
 
-    def _sparse_encode(self, tensors: dict[str, Tensor]) -> Tensor:
-        """The encoder's output for :class:`SparseRows` expression: the log-normalised
-        stored entries times the opening layer's weights (batch centring subtracts each
-        batch mean's product), then the rest of the encoder; the dense result to
-        rounding."""
-        first, rest = self.sparse_input_layer()
-        weight = first.weight
-        rows = tensors[REGISTRY_KEYS.X_KEY].matrix
+    def _sparse_log_rows(self, rows) -> sparse.csr_matrix:
+        """The log-normalised (or registered) values of CSR ``rows``, stored entries only."""
         values = np.asarray(rows.data, dtype=np.float32)
         if self.normalize_counts:
             totals = np.asarray(rows.sum(axis=1), dtype=np.float32).reshape(-1)
             totals = np.where(totals > 0, totals, np.float32(1.0))
             per_entry = np.repeat(totals, np.diff(rows.indptr))
             values = np.log1p(values / per_entry * np.float32(self.target_sum()))
-        x = SparseRows(type(rows)((values, rows.indices, rows.indptr), shape=rows.shape))
-        hidden = torch.sparse.mm(x.tensor(weight.device), weight.T)
-        if first.bias is not None:
-            hidden = hidden + first.bias
+        return sparse.csr_matrix((values, rows.indices, rows.indptr), shape=rows.shape)
+
+    def _sparse_encode(self, tensors: dict[str, Tensor]) -> Tensor:
+        """The encoder's output for :class:`SparseRows` expression: the log-normalised
+        stored entries times the opening layer's weights (batch centring subtracts each
+        batch mean's product; an opening LayerNorm over genes scales and shifts the
+        product per cell), then the rest of the encoder; the dense result to rounding."""
+        first, rest = self.sparse_input_layer()
+        norm = self.sparse_input_norm()
+        weight = first.weight
+        if norm is not None and norm.weight is not None:
+            weight = weight * norm.weight
+        x = self._sparse_log_rows(tensors[REGISTRY_KEYS.X_KEY].matrix)
+        hidden = torch.sparse.mm(SparseRows(x).tensor(weight.device), weight.T)
+        codes = None
         if self.batch_centering:
             codes = tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1).to(weight.device)
             hidden = hidden - (self.batch_means @ weight.T)[codes]
+        if norm is not None:
+            mean, scale = self._gene_moments(x, codes, norm.eps, hidden.device)
+            hidden = (hidden - mean.unsqueeze(1) * weight.sum(dim=1)) * scale.unsqueeze(1)
+            if norm.bias is not None:
+                hidden = hidden + norm.bias @ first.weight.T
+        if first.bias is not None:
+            hidden = hidden + first.bias
         return rest(hidden)
+
+    def _gene_moments(
+        self, x: sparse.csr_matrix, codes: Tensor | None, eps: float, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Each cell's mean over all genes (zeros included) and 1 / sqrt(variance + eps),
+        after batch centring when ``codes`` are given, from the stored entries alone."""
+        n_genes = x.shape[1]
+        x = x.astype(np.float64)
+        total = torch.from_numpy(np.asarray(x.sum(axis=1)).reshape(-1))
+        squares = torch.from_numpy(np.asarray(x.multiply(x).sum(axis=1)).reshape(-1))
+        if codes is not None:
+            means = self.batch_means.detach().double().cpu()
+            cross = torch.from_numpy(np.asarray(x @ means.numpy().T))
+            rows = torch.arange(len(cross))
+            codes = codes.cpu()
+            total = total - means.sum(dim=1)[codes]
+            squares = squares - 2 * cross[rows, codes] + (means * means).sum(dim=1)[codes]
+        mean = total / n_genes
+        variance = (squares / n_genes - mean * mean).clamp_min(0.0)
+        scale = torch.rsqrt(variance + eps)
+        return mean.float().to(device), scale.float().to(device)
 
     def _encode(self, tensors: dict[str, Tensor]) -> Tensor:
         if isinstance(tensors.get(REGISTRY_KEYS.X_KEY), SparseRows):

@@ -122,6 +122,15 @@ class CELLULARModule(LogExpressionClassifier):
     def target_sum(self) -> float:
         return float(self.mean_total)
 
+    # -- inference on sparse rows ------------------------------------------------------
+    def sparse_input_layer(self) -> tuple[nn.Linear, nn.Module] | None:
+        if not isinstance(self.encoder[1], nn.Linear):
+            return None
+        return self.encoder[1], self.encoder[2:]
+
+    def sparse_input_norm(self) -> nn.LayerNorm | None:
+        return self.encoder[0]
+
     # -- BaseModuleClass interface --------------------------------------------------------
     @auto_move_data
     def inference(self, x_log: Tensor, encoder_grad: bool = True) -> dict[str, Tensor]:
