@@ -117,11 +117,10 @@ def mahalanobis_score(
         factor = precision_factor(precision)
     projected = np.asarray(latent, dtype=np.float64) @ factor
     centres = np.asarray(means, dtype=np.float64) @ factor
-    best = np.full(len(projected), np.inf)
-    for centre in centres:
-        diff = projected - centre
-        np.minimum(best, np.einsum("nd,nd->n", diff, diff), out=best)
-    return best
+    # |p - c|^2 = |p|^2 - 2 p.c + |c|^2: one product for every class at once.
+    squared = (centres * centres).sum(axis=1) - 2.0 * (projected @ centres.T)
+    best = squared.min(axis=1) + np.einsum("nd,nd->n", projected, projected)
+    return np.clip(best, 0.0, None)
 
 
 def _tail_transform(reference_scores: np.ndarray):

@@ -288,9 +288,6 @@ class SCPRETRAIN(CellTyperModel):
             # Expression, log-normalised block by block from the registered matrix.
             features = matrix
             transform = lambda x: self.module.log_expression({REGISTRY_KEYS.X_KEY: x})  # noqa: E731
-            self._pretraining = dict(
-                start=time.perf_counter(), seconds=0.0, loss=[], kmeans=[], labels={}
-            )
         else:  # the representation the previous phase learnt
             batch = settings["kmeans_kwargs"]["batch_size"]
             features = self._collect(self.adata, None, batch, {"z": self.module.embed})["z"]
@@ -339,6 +336,9 @@ class SCPRETRAIN(CellTyperModel):
             "progress_bar": progress_bar,
         }
         tic = time.perf_counter()
+        if stage.splitter_kwargs["phase"] == 1:
+            # Started with the phase's timer, so the total covers every phase's seconds.
+            self._pretraining = dict(start=tic, seconds=0.0, loss=[], kmeans=[], labels={})
         super()._run_stage(
             stage, **{**kwargs, "early_stopping": False, "restore_best_weights": False}
         )
