@@ -251,6 +251,45 @@ def test_labelled_epoch_draws_every_unlabelled_cell_in_turn():
         _splitter(0.0)
 
 
+def test_the_smaller_set_starts_a_new_shuffled_pass_when_it_runs_out():
+    # The smaller set repeats within an epoch, each repeat a new pass in a new order (not
+    # a replay of minibatches kept from the first pass).
+    from celltyper.data import CyclingConcatDataLoader
+
+    splitter, _ = _splitter(None, 80)
+    small = splitter.labelled_sampling_idx[:32]
+    loader = CyclingConcatDataLoader(
+        splitter.adata_manager,
+        [splitter.unlabelled_idx, small],
+        shuffle=True,
+        batch_size=16,
+        drop_last=[False, False],
+    )
+    torch.manual_seed(0)
+    repeated = torch.cat([b["X"].sum(dim=1) for _, b in loader])
+    assert len(repeated) >= 4 * len(small)
+    counts = splitter.adata_manager.get_from_registry("X")[small]
+    expected = np.sort(np.asarray(counts.sum(axis=1)).ravel())
+    passes = repeated[: 4 * len(small)].view(4, len(small))
+    for one_pass in passes:  # each pass holds every cell of the set once
+        np.testing.assert_allclose(np.sort(one_pass.numpy()), expected, rtol=1e-6)
+    assert len({tuple(p.tolist()) for p in passes}) > 1
+
+
+def test_a_small_set_keeps_its_only_minibatch_when_another_drops_its_tail():
+    from celltyper.data import CyclingConcatDataLoader
+
+    splitter, _ = _splitter(None, 80)
+    manager = splitter.adata_manager
+    large, small = np.arange(33), np.arange(40, 45)  # 33 = 2 x 16 + 1: a one-cell tail
+    loader = CyclingConcatDataLoader(
+        manager, [large, small], shuffle=True, batch_size=16, drop_last=[True, False]
+    )
+    steps = list(loader)
+    assert len(steps) == 2
+    assert all(len(a["X"]) == 16 and len(b["X"]) == 5 for a, b in steps)
+
+
 def test_restore_best_weights_min_mode():
     pl_module = SimpleNamespace(module=nn.Linear(3, 2))
     callback = RestoreBestWeights("validation_loss", "min")

@@ -11,7 +11,12 @@ from ._pseudo_labels import (
     kmeans_pseudo_labels,
     n_clusters_for,
 )
-from ._splitting import LabelledUnlabelledSplitter, balanced_resample, stratified_split
+from ._splitting import (
+    CyclingConcatDataLoader,
+    LabelledUnlabelledSplitter,
+    balanced_resample,
+    stratified_split,
+)
 from ._tokenize import (
     CLS_TOKEN,
     CONTEXT_SEGMENT,
@@ -40,6 +45,7 @@ __all__ = [
     "PREVIOUS_LAYER",
     "PSEUDO_LABELS_KEY",
     "AllCellsSplitter",
+    "CyclingConcatDataLoader",
     "LabelledUnlabelledSplitter",
     "PseudoLabelDataModule",
     "RankTokens",

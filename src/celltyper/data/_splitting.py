@@ -51,6 +51,69 @@ def balanced_resample(indices: np.ndarray, labels: np.ndarray, seed: int = 0) ->
     return np.concatenate(parts) if parts else indices
 
 
+class CyclingConcatDataLoader(ConcatDataLoader):
+    """scvi-tools' ``ConcatDataLoader`` whose smaller loaders start a new pass when
+    they run out, instead of ``itertools.cycle``.
+
+    ``cycle`` keeps every minibatch of its first pass to replay it: the smaller set of
+    cells stays in memory, densified (gigabytes for a few hundred thousand cells read
+    from disk), and its repeats come in the same order. Here each repeat is a new pass,
+    in a new random order, read afresh. ``drop_last`` is decided per set of cells (a
+    set's trailing one-cell minibatch is dropped; another set keeps its only one).
+
+    Parameters
+    ----------
+    adata_manager, indices_list, shuffle, batch_size, **loader_kwargs
+        As in ``ConcatDataLoader``.
+    drop_last
+        Whether to drop the trailing minibatch of each set, one flag per set.
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        indices_list: list[np.ndarray],
+        *,
+        shuffle: bool,
+        batch_size: int,
+        drop_last: list[bool],
+        **loader_kwargs,
+    ):
+        super().__init__(
+            adata_manager,
+            indices_list=indices_list,
+            shuffle=shuffle,
+            batch_size=batch_size,
+            drop_last=False,
+            **loader_kwargs,
+        )
+        for i, (indices, drop) in enumerate(zip(indices_list, drop_last, strict=True)):
+            if drop:
+                self.dataloaders[i] = AnnDataLoader(
+                    adata_manager,
+                    indices=indices,
+                    shuffle=shuffle,
+                    batch_size=batch_size,
+                    drop_last=True,
+                    data_and_attributes=self.data_and_attributes,
+                    **self.data_loader_kwargs,
+                )
+        self.largest_dl = self.dataloaders[int(np.argmax([len(d) for d in self.dataloaders]))]
+
+    def __iter__(self):
+        iterators = [
+            iter(loader) if loader is self.largest_dl else _passes(loader)
+            for loader in self.dataloaders
+        ]
+        return zip(*iterators, strict=False)
+
+
+def _passes(loader):
+    """Minibatches of ``loader``, pass after pass (each pass shuffled anew)."""
+    while True:
+        yield from loader
+
+
 class LabelledEpochLoader:
     """``[labelled_batch, unlabelled_batch]`` pairs, as many as the labelled loader has.
 
@@ -219,12 +282,12 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         indices = [i for i in (self.labelled_sampling_idx, self.unlabelled_idx) if len(i)]
         if world_size > 1:
             return ShardedConcatLoader([self._shard(i, rank, world_size) for i in indices])
-        return ConcatDataLoader(
+        return CyclingConcatDataLoader(
             self.adata_manager,
             indices_list=indices,
             shuffle=True,
             batch_size=self.batch_size,
-            drop_last=any(self._drop_last(len(i)) for i in indices),
+            drop_last=[self._drop_last(len(i)) for i in indices],
             **self.loader_kwargs,
         )
 
