@@ -97,34 +97,26 @@ class AnnotationMixin(ConfidenceMixin):
         if adata is None or adata is self.adata:
             yield RowSource.from_manager(self.adata_manager) if chunked else self.adata
             return
+        common = {
+            "input_kind": self.input_kind_,
+            "model_name": type(self).__name__,
+            "min_gene_overlap": getattr(self, "min_gene_overlap_", 0.5),
+            "what": what,
+            "extra_columns": partial(
+                self._extra_obs_columns, self.registry_, keep_new_batches=False, what=what
+            ),
+            "gene_column": gene_column,
+        }
         if chunked:
-            source = model_data_source(
-                adata,
-                self.registry_,
-                input_kind=self.input_kind_,
-                model_name=type(self).__name__,
-                min_gene_overlap=getattr(self, "min_gene_overlap_", 0.5),
-                what=what,
-                extra_columns=partial(
-                    self._extra_obs_columns, self.registry_, keep_new_batches=False, what=what
-                ),
-                gene_column=gene_column,
-            )
+            source = model_data_source(adata, self.registry_, **common)
             if source is not None:
                 yield source
                 return
         internal = build_model_data(
             adata,
             self.registration,
-            input_kind=self.input_kind_,
-            model_name=type(self).__name__,
-            min_gene_overlap=getattr(self, "min_gene_overlap_", 0.5),
-            what=what,
-            extra_columns=partial(
-                self._extra_obs_columns, self.registry_, keep_new_batches=False, what=what
-            ),
-            gene_column=gene_column,
             extra_layers=partial(self._extra_layers, self.registry_, what=what),
+            **common,
         )
         self._validate_anndata(internal)
         try:

@@ -161,13 +161,7 @@ def build_model_data(
         matrix, genes, registration.genes, min_gene_overlap, what=what, var=rna.var
     )
 
-    columns = {}
-    if registration.batch_key is not None:
-        columns[registration.batch_key] = _batch_column(obs, registration, keep_new_batches, what)
-    if registration.labels_key is not None:
-        columns[registration.labels_key] = _labels_column(obs, registration, what)
-    if extra_columns is not None:
-        columns.update(extra_columns(obs))
+    columns = _registered_columns(obs, registration, keep_new_batches, what, extra_columns)
     cell_obs = pd.DataFrame(columns, index=rna.obs_names.copy())
 
     var = pd.DataFrame(index=registration.genes.copy())
@@ -248,13 +242,7 @@ def model_data_source(
         genes, registration.genes, min_gene_overlap, what=what, var=rna.var
     )
 
-    columns = {}
-    if registration.batch_key is not None:
-        columns[registration.batch_key] = _batch_column(obs, registration, False, what)
-    if registration.labels_key is not None:
-        columns[registration.labels_key] = _labels_column(obs, registration, what)
-    if extra_columns is not None:
-        columns.update(extra_columns(obs))
+    columns = _registered_columns(obs, registration, False, what, extra_columns)
     arrays = {}
     n_obs = rna.n_obs
     for key, field in fields.items():
@@ -304,6 +292,18 @@ def _aligned_like_expression(matrix, genes: pd.Index, reference_genes: pd.Index)
         warnings.simplefilter("ignore", UserWarning)
         aligned, _ = align_genes(matrix, genes, reference_genes, min_overlap=0.0)
     return aligned
+
+
+def _registered_columns(obs, registration, keep_new_batches, what, extra_columns) -> dict:
+    """The batch, label and extra obs columns of new data, coded as registered."""
+    columns = {}
+    if registration.batch_key is not None:
+        columns[registration.batch_key] = _batch_column(obs, registration, keep_new_batches, what)
+    if registration.labels_key is not None:
+        columns[registration.labels_key] = _labels_column(obs, registration, what)
+    if extra_columns is not None:
+        columns.update(extra_columns(obs))
+    return columns
 
 
 def _batch_column(
