@@ -238,7 +238,7 @@ def test_cli_rejects_a_negative_stream_threshold(capsys):
 @pytest.mark.parametrize(
     ("name", "centring"),
     [("SCNYM", True), ("SCNYM", False), ("SCPRETRAIN", False), ("CELLULAR", True),
-     ("CELLULAR", False)],
+     ("CELLULAR", False), ("SCATLASVAE", False)],
 )  # fmt: skip
 def test_sparse_rows_path_equals_dense(name, centring):
     cls = getattr(celltyper.model, name)
@@ -262,3 +262,24 @@ def test_sparse_rows_path_equals_dense(name, centring):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_scatlasvae_decodes_sparse_rows_like_dense_ones():
+    cls = celltyper.model.SCATLASVAE
+    adata = make_counts_adata(cells_per=20, seed=3)
+    cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = cls(adata, **tiny_kwargs(cls))
+    options = train_kwargs(cls)
+    options["max_epochs"] = 1
+    model.train(**options)
+    query = make_counts_adata(cells_per=20, seed=5)
+    dense = query.copy()
+    dense.X = dense.X.toarray()
+    assert model.module.reads_sparse_rows()
+    for options in ({"library_size": "observed"}, {"transform_batch": "b0"}):
+        np.testing.assert_allclose(
+            model.get_normalized_expression(query, return_numpy=True, **options),
+            model.get_normalized_expression(dense, return_numpy=True, **options),
+            rtol=1e-5,
+            atol=1e-7,
+        )

@@ -49,6 +49,39 @@ class SparseRows:
             )
 
 
+def sparse_log_values(rows, target_sum: float | None, normalise: bool = True):
+    """CSR ``rows`` with their stored entries as the encoder reads them:
+    ``log1p(x / total * target_sum)`` (``log1p(x)`` when ``target_sum`` is ``None``), or
+    the values as they are when ``normalise`` is false; zeros stay zeros, so the result
+    keeps the rows' sparsity."""
+    values = np.asarray(rows.data, dtype=np.float32)
+    if normalise and target_sum is None:
+        values = np.log1p(values)
+    elif normalise:
+        totals = np.asarray(rows.sum(axis=1), dtype=np.float32).reshape(-1)
+        totals = np.where(totals > 0, totals, np.float32(1.0))
+        per_entry = np.repeat(totals, np.diff(rows.indptr))
+        values = np.log1p(values / per_entry * np.float32(target_sum))
+    return sparse.csr_matrix((values, rows.indices, rows.indptr), shape=rows.shape)
+
+
+def fc_layers_first_linear(layers) -> tuple[nn.Linear, nn.Module] | None:
+    """scvi-tools ``FCLayers`` without covariates split into its opening linear layer and
+    the rest (``None`` when covariates enter it or it opens otherwise)."""
+    if layers.n_cat_list and any(n > 1 for n in layers.n_cat_list):
+        return None
+    blocks = [[layer for layer in block if layer is not None] for block in layers.fc_layers]
+    if not blocks or not isinstance(blocks[0][0], nn.Linear):
+        return None
+    rest = nn.Sequential(*blocks[0][1:], *(layer for block in blocks[1:] for layer in block))
+    return blocks[0][0], rest
+
+
+def sparse_product(x, weight: Tensor) -> Tensor:
+    """``x @ weight.T`` for CSR rows ``x``, through their stored entries only."""
+    return torch.sparse.mm(SparseRows(x).tensor(weight.device), weight.T)
+
+
 class CellTyperModule(BaseModuleClass):
     """Base class of every celltyper module.
 
@@ -266,16 +299,6 @@ class LogExpressionClassifier(ClassifierModule):
         """Whether inference may hand this module :class:`SparseRows` expression."""
         return self.sparse_input_layer() is not None
 
-    def _sparse_log_rows(self, rows) -> sparse.csr_matrix:
-        """The log-normalised (or registered) values of CSR ``rows``, stored entries only."""
-        values = np.asarray(rows.data, dtype=np.float32)
-        if self.normalize_counts:
-            totals = np.asarray(rows.sum(axis=1), dtype=np.float32).reshape(-1)
-            totals = np.where(totals > 0, totals, np.float32(1.0))
-            per_entry = np.repeat(totals, np.diff(rows.indptr))
-            values = np.log1p(values / per_entry * np.float32(self.target_sum()))
-        return sparse.csr_matrix((values, rows.indices, rows.indptr), shape=rows.shape)
-
     def _sparse_encode(self, tensors: dict[str, Tensor]) -> Tensor:
         """The encoder's output for :class:`SparseRows` expression: the log-normalised
         stored entries times the opening layer's weights (batch centring subtracts each
@@ -286,8 +309,9 @@ class LogExpressionClassifier(ClassifierModule):
         weight = first.weight
         if norm is not None and norm.weight is not None:
             weight = weight * norm.weight
-        x = self._sparse_log_rows(tensors[REGISTRY_KEYS.X_KEY].matrix)
-        hidden = torch.sparse.mm(SparseRows(x).tensor(weight.device), weight.T)
+        rows = tensors[REGISTRY_KEYS.X_KEY].matrix
+        x = sparse_log_values(rows, self.target_sum(), self.normalize_counts)
+        hidden = sparse_product(x, weight)
         codes = None
         if self.batch_centering:
             codes = tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1).to(weight.device)

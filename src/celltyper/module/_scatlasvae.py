@@ -16,7 +16,13 @@ from torch.distributions import Normal, kl_divergence
 
 from celltyper.nn import CovariateDecoder, group_mmd, log1p_normalize
 
-from ._base import CellTyperModule
+from ._base import (
+    CellTyperModule,
+    SparseRows,
+    fc_layers_first_linear,
+    sparse_log_values,
+    sparse_product,
+)
 
 Likelihood = Literal["zinb", "nb", "mse"]
 
@@ -173,9 +179,35 @@ class SCATLASVAEModule(CellTyperModule):
     def label_codes(self, tensors: dict[str, Tensor], k: int) -> Tensor:
         return tensors[extra_labels_registry_key(k)].view(-1).long()
 
+    # -- inference on sparse rows ------------------------------------------------------
+    def reads_sparse_rows(self) -> bool:
+        """Whether inference may hand this module :class:`SparseRows` expression: the
+        encoder opens with a linear layer, applied to the stored entries only."""
+        return fc_layers_first_linear(self.encoder.encoder) is not None
+
+    def expression(self, tensors: dict[str, Tensor]) -> Tensor:
+        """The expression matrix of a minibatch (:class:`SparseRows` densified, for the
+        outputs that read every gene: decoding, interpretation)."""
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        if isinstance(x, SparseRows):
+            return torch.from_numpy(x.matrix.toarray()).to(self.encoder.mean_encoder.weight)
+        return x
+
+    def _sparse_latent_mean(self, rows: SparseRows) -> Tensor:
+        """The encoder's mean for sparse rows: the opening layer multiplies the stored
+        entries of ``encoder_input``; equal to the dense path to rounding."""
+        first, rest = fc_layers_first_linear(self.encoder.encoder)
+        hidden = sparse_product(sparse_log_values(rows.matrix, self.target_sum), first.weight)
+        if first.bias is not None:
+            hidden = hidden + first.bias
+        return self.encoder.mean_encoder(rest(hidden))
+
     # -- CellTyperModule interface -----------------------------------------------------
     @auto_move_data
     def embed(self, tensors: dict[str, Tensor]) -> Tensor:
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        if isinstance(x, SparseRows):
+            return self._sparse_latent_mean(x)
         qz_m, _, _ = self.encoder(self.encoder_input(self.expression(tensors)))
         return qz_m
 

@@ -21,7 +21,7 @@ from celltyper.nn import (
     soft_cross_entropy,
 )
 
-from ._base import LogExpressionClassifier
+from ._base import LogExpressionClassifier, fc_layers_first_linear
 
 
 def shift_towards_query(x_l: Tensor, x_u: Tensor, probability: float) -> Tensor:
@@ -96,16 +96,7 @@ class SCNYMModule(LogExpressionClassifier):
         return CPM_TARGET_SUM
 
     def sparse_input_layer(self) -> tuple[nn.Linear, Callable[[Tensor], Tensor]] | None:
-        # FCLayers without covariates applies its layers one after the other.
-        if self.encoder.n_cat_list and any(n > 1 for n in self.encoder.n_cat_list):
-            return None
-        blocks = [
-            [layer for layer in block if layer is not None] for block in self.encoder.fc_layers
-        ]
-        if not blocks or not isinstance(blocks[0][0], nn.Linear):
-            return None
-        rest = nn.Sequential(*blocks[0][1:], *(layer for block in blocks[1:] for layer in block))
-        return blocks[0][0], rest
+        return fc_layers_first_linear(self.encoder)
 
     def query_trainable_parameters(self) -> Iterable[str]:
         # AdaBN-style adaptation: normalisation layers and the adversary move with the
