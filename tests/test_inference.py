@@ -23,19 +23,21 @@ MODELS = ["SCNYM", "CELLULAR", "SCATLASVAE", "SCPRETRAIN", "RANKFORMER"]
 CHUNK_CELLS = 37
 
 
+def _one_epoch_model(name: str, **model_kwargs):
+    """A tiny model of ``name`` trained one epoch on the planted counts."""
+    cls = getattr(celltyper.model, name)
+    adata = make_counts_adata(cells_per=20, seed=3)
+    cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = cls(adata, **model_kwargs, **tiny_kwargs(cls))
+    options = train_kwargs(cls)
+    options["max_epochs"] = 1
+    model.train(**options)
+    return model
+
+
 @pytest.fixture(scope="module")
 def trained_models():
-    models = {}
-    for name in MODELS:
-        cls = getattr(celltyper.model, name)
-        adata = make_counts_adata(cells_per=20, seed=3)
-        cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-        model = cls(adata, **tiny_kwargs(cls))
-        options = train_kwargs(cls)
-        options["max_epochs"] = 1
-        model.train(**options)
-        models[name] = model
-    return models
+    return {name: _one_epoch_model(name) for name in MODELS}
 
 
 @pytest.fixture
@@ -241,14 +243,7 @@ def test_cli_rejects_a_negative_stream_threshold(capsys):
      ("CELLULAR", False), ("SCATLASVAE", False)],
 )  # fmt: skip
 def test_sparse_rows_path_equals_dense(name, centring):
-    cls = getattr(celltyper.model, name)
-    adata = make_counts_adata(cells_per=20, seed=3)
-    cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    centring_option = {"batch_centering": True} if centring else {}
-    model = cls(adata, **centring_option, **tiny_kwargs(cls))
-    options = train_kwargs(cls)
-    options["max_epochs"] = 1
-    model.train(**options)
+    model = _one_epoch_model(name, **({"batch_centering": True} if centring else {}))
     query = make_counts_adata(cells_per=20, seed=5)
     assert model.module.reads_sparse_rows()
     sparse_probs = model.predict(query, soft=True).to_numpy()
@@ -264,14 +259,8 @@ def test_sparse_rows_path_equals_dense(name, centring):
     )
 
 
-def test_scatlasvae_decodes_sparse_rows_like_dense_ones():
-    cls = celltyper.model.SCATLASVAE
-    adata = make_counts_adata(cells_per=20, seed=3)
-    cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    model = cls(adata, **tiny_kwargs(cls))
-    options = train_kwargs(cls)
-    options["max_epochs"] = 1
-    model.train(**options)
+def test_scatlasvae_decodes_sparse_rows_like_dense_ones(trained_models):
+    model = trained_models["SCATLASVAE"]
     query = make_counts_adata(cells_per=20, seed=5)
     dense = query.copy()
     dense.X = dense.X.toarray()
