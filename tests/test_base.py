@@ -288,6 +288,10 @@ def test_a_small_set_keeps_its_only_minibatch_when_another_drops_its_tail():
     steps = list(loader)
     assert len(steps) == 2
     assert all(len(a["X"]) == 16 and len(b["X"]) == 5 for a, b in steps)
+    with pytest.raises(ValueError, match=r"Set 1 of indices_list \(5 cells\).*drop_last"):
+        CyclingConcatDataLoader(
+            manager, [large, small], shuffle=True, batch_size=16, drop_last=[True, True]
+        )
 
 
 def test_restore_best_weights_min_mode():

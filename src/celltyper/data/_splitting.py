@@ -98,7 +98,17 @@ class CyclingConcatDataLoader(ConcatDataLoader):
                     data_and_attributes=self.data_and_attributes,
                     **self.data_loader_kwargs,
                 )
-        self.largest_dl = self.dataloaders[int(np.argmax([len(d) for d in self.dataloaders]))]
+        sizes = [len(loader) for loader in self.dataloaders]
+        if 0 in sizes:
+            # A set without a minibatch would be repeated forever without yielding one.
+            empty = sizes.index(0)
+            raise ValueError(
+                f"Set {empty} of indices_list ({len(indices_list[empty])} cells) gives no "
+                f"minibatch with batch_size={batch_size} and "
+                f"drop_last={drop_last[empty]}; drop_last must be False for a set smaller "
+                "than a minibatch."
+            )
+        self.largest_dl = self.dataloaders[int(np.argmax(sizes))]
 
     def __iter__(self):
         iterators = [
