@@ -31,6 +31,10 @@ def merge_minibatches(batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> dic
     return {key: torch.cat([part[key] for part in batch]) for key in batch[0]}
 
 
+def _suffixed(values: dict[str, Tensor] | None, suffix: str) -> dict[str, Tensor]:
+    return {f"{name}{suffix}": value for name, value in (values or {}).items()}
+
+
 def loss_terms(loss_output: LossOutput) -> dict[str, Tensor]:
     """The weighted terms of a celltyper module's loss: they add up to ``loss_output.loss``.
 
@@ -190,26 +194,54 @@ class CellTyperTrainingPlan(TrainingPlan):
             scheduled["kl_weight"] = self.kl_weight
         loss_output = self._forward_checked(batch, batch_idx, {**self.loss_kwargs, **scheduled})
         n = loss_output.n_obs_minibatch
-        self.log(
-            "train_loss",
-            loss_output.loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=n,
-            sync_dist=self.use_sync_dist,
-        )
-        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
-        for name, value in scheduled.items():
+        self.add_to_epoch_means({"train_loss": loss_output.loss, **scheduled}, n)
+        self.add_to_epoch_means(_suffixed(loss_output.extra_metrics, "_train"), n)
+        if self.log_elbo:
+            self.add_to_epoch_means(
+                {
+                    "reconstruction_loss_train": loss_output.reconstruction_loss_sum / n,
+                    "kl_local_train": loss_output.kl_local_sum / n,
+                },
+                n,
+            )
+            self.add_to_epoch_means({"kl_global_train": loss_output.kl_global_sum}, 1)
+        return loss_output.loss
+
+    @torch.no_grad()
+    def add_to_epoch_means(self, values: dict[str, Tensor | float], n: int) -> None:
+        """Add one training step's values, weighing each by its ``n`` cells, to the
+        epoch's means, which :meth:`on_train_epoch_end` logs.
+
+        One ``self.log`` per value and step costs Lightning about 0.6 ms (it moves and
+        reduces a result object every time): up to a fifth of a small model's epoch.
+        """
+        sums = self.__dict__.setdefault("_epoch_sums", {})
+        for name, value in values.items():
+            value = torch.as_tensor(value).detach().float()
+            total, count = sums.get(name, (0.0, 0))
+            sums[name] = (total + value * n, count + n)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        sums, self._epoch_sums = self.__dict__.get("_epoch_sums", {}), {}
+        means = {name: total / max(count, 1) for name, (total, count) in sums.items()}
+        if "reconstruction_loss_train" in means:
+            # scvi-tools' ELBO: per-cell terms plus the global KL spread over the cells.
+            n_total = self.n_obs_training if self.n_obs_training else 1
+            means["elbo_train"] = (
+                means["reconstruction_loss_train"]
+                + means["kl_local_train"]
+                + means["kl_global_train"] / n_total
+            )
+        for name, value in means.items():
             self.log(
                 name,
-                float(value),
+                value,
                 on_step=False,
                 on_epoch=True,
-                batch_size=n,
+                prog_bar=name == "train_loss",
                 sync_dist=self.use_sync_dist,
             )
-        return loss_output.loss
 
     def _diverged(self, batch_idx: int, found: str) -> FloatingPointError:
         """The error that stops a diverged fit, before NaN weights turn into answers."""
