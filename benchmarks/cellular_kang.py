@@ -14,7 +14,7 @@ Three measurements, each selectable with ``--parts``:
 Usage::
 
     python -m benchmarks.cellular_kang [--quick] [--parts transfer integration novelty]
-        [--seeds 0 1 2] [--classifier-training frozen|joint] [--batch-centering]
+        [--seeds 0 1 2] [--classifier-training frozen|joint] [--batch-centering auto|on|off]
         [--data-dir DIR] [--json FILE]
 """
 
@@ -49,7 +49,7 @@ def _fit_cellular(
     quick: bool,
     seed: int,
     classifier: str = "frozen",
-    batch_centering: bool = False,
+    batch_centering: bool | str = "auto",
 ) -> CELLULAR:
     CELLULAR.setup_anndata(adata, labels_key=labels_key, batch_key=batch_key)
     model = CELLULAR(adata, seed=seed, batch_centering=batch_centering)
@@ -64,7 +64,7 @@ def transfer(
     quick: bool,
     seeds: list[int],
     classifier: str = "frozen",
-    batch_centering: bool = False,
+    batch_centering: bool | str = "auto",
 ) -> list[dict]:
     """Balanced accuracy etc. of CELLULAR on the scored query cells, one row per seed."""
     rows = []
@@ -97,7 +97,7 @@ def _scvi_latents(adata, batch_key: str, labels_key: str, quick: bool, seed: int
 
 
 def integration(
-    data_dir: Path, quick: bool, seed: int, batch_centering: bool = False
+    data_dir: Path, quick: bool, seed: int, batch_centering: bool | str = "auto"
 ) -> pd.DataFrame:
     """scib-metrics of CELLULAR, scVI, scANVI and PCA on the labelled Kang cells."""
     task = kang_integration(data_dir)
@@ -133,7 +133,7 @@ def withheld_task(task: TransferTask, withheld: str) -> TransferTask:
 
 
 def novelty(
-    task: TransferTask, quick: bool, seed: int, batch_centering: bool = False
+    task: TransferTask, quick: bool, seed: int, batch_centering: bool | str = "auto"
 ) -> pd.DataFrame:
     """Novelty AUROC and flagged fractions with each cell type withheld in turn."""
     rows = []
@@ -184,11 +184,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="CELLULAR.train(classifier_training=...) for the transfer part",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-centering", action="store_true",
-        help="CELLULAR(batch_centering=True): each condition centred on its own mean",
+        "--batch-centering", default="auto", choices=["auto", "on", "off"],
+        help="CELLULAR(batch_centering=...): each condition centred on its own mean "
+        "(on; auto, the default, centres as there are 2 conditions) or not (off)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
+    args.batch_centering = {"on": True, "off": False}.get(args.batch_centering, "auto")
 
     quiet_run(args.threads, also=("celltyper",))
     results: dict = {}

@@ -480,3 +480,65 @@ def test_batch_centering_needs_two_batches(model_name):
     model_cls.setup_anndata(adata, labels_key="train_label")
     with pytest.raises(ValueError, match=r"batch_centering.*2 batches"):
         model_cls(adata, **tiny_kwargs(model_cls), batch_centering=True)
+
+
+@pytest.mark.parametrize("model_name", _centring_models())
+def test_batch_centering_auto_centres_when_there_are_batches(model_name):
+    from conftest import make_counts_adata, tiny_kwargs
+
+    import celltyper.model
+
+    model_cls = getattr(celltyper.model, model_name)
+    single = make_counts_adata(n_batches=1, cells_per=10)
+    model_cls.setup_anndata(single, labels_key="train_label", batch_key="batch")
+    model = model_cls(single, **tiny_kwargs(model_cls), batch_centering="auto")
+    assert not model.module.batch_centering
+    assert model.init_params_["non_kwargs"]["batch_centering"] is False
+
+    two = make_counts_adata(n_batches=2, cells_per=10)
+    model_cls.setup_anndata(two, labels_key="train_label", batch_key="batch")
+    model = model_cls(two, **tiny_kwargs(model_cls), batch_centering="auto")
+    assert model.module.batch_centering
+    # Stored resolved: a query adding batches cannot turn centring on in a query model.
+    assert model.init_params_["non_kwargs"]["batch_centering"] is True
+    with pytest.raises(ValueError, match=r"batch_centering must be True, False or 'auto'.*'yes'"):
+        model_cls(two, **tiny_kwargs(model_cls), batch_centering="yes")
+
+
+def test_cellular_centres_batches_by_default():
+    from conftest import make_counts_adata, tiny_kwargs
+
+    import celltyper.model
+
+    adata = make_counts_adata(n_batches=2, cells_per=10)
+    celltyper.model.CELLULAR.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = celltyper.model.CELLULAR(adata, **tiny_kwargs(celltyper.model.CELLULAR))
+    assert model.module.batch_centering
+
+
+@pytest.mark.parametrize("model_name", _centring_models())
+def test_batch_centering_warns_on_batches_the_model_never_saw(model_name):
+    import warnings
+
+    from conftest import make_counts_adata, tiny_kwargs, train_kwargs
+
+    import celltyper.model
+
+    model_cls = getattr(celltyper.model, model_name)
+    adata = make_counts_adata(cells_per=20)
+    model_cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = model_cls(adata, **tiny_kwargs(model_cls), batch_centering=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(**train_kwargs(model_cls))
+    known = make_counts_adata(cells_per=20, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.predict(known)
+    query = make_counts_adata(n_batches=3, cells_per=20, seed=5)
+    before = query.obs.copy()
+    with pytest.warns(
+        UserWarning, match=r"\d+ cells of the adata are in batches the model never saw.*b2"
+    ):
+        model.predict(query)
+    pd.testing.assert_frame_equal(query.obs, before)

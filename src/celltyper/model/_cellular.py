@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -171,10 +171,14 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
     batch_centering
         Centre each cell's log-expression on the mean of its batch (every registered cell
         of the batch, labelled or not) before the encoder. Removes a shift shared by a
-        whole batch, such as a stimulation; needs ``batch_key`` with 2 or more batches.
-        The encoder keeps no batch input: a query's new batches are centred on their own
-        means in :meth:`load_query_data`. Off by default, as in the published method;
-        Kang control -> stimulated measures better with it (see the docs page).
+        whole batch, such as a stimulation or a technology; ``True`` needs ``batch_key``
+        with 2 or more batches, ``"auto"`` (the default) centres when there are. The
+        encoder keeps no batch input: a query's new batches are centred on their own
+        means in :meth:`load_query_data`, or when the query is registered and trained
+        with the reference (as ``celltyper annotate`` does). The published method has no
+        such step; measured on every benchmark task, it lifts Kang control ->
+        stimulated from 0.725 to 0.781 balanced accuracy and keeps the others within
+        their seed spread (see the docs page).
     seed
         Seed of the weight initialisation, of the PCA and the default seed of :meth:`train`.
 
@@ -234,10 +238,12 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         n_hidden: Sequence[int] = (1000, 500),
         dropout_rate: float = 0.2,
         classifier_hidden: int = 512,
-        batch_centering: bool = False,
+        batch_centering: bool | Literal["auto"] = "auto",
         seed: int = 0,
     ):
         super().__init__(adata)
+        # Stored resolved, so that a query's new batches cannot switch it on later.
+        batch_centering = self._resolved_batch_centering(batch_centering)
         self._init_data_checks(batch_centering)
         is_counts = self.input_kind_ == "counts"
         matrix, codes = self._labelled_reference()

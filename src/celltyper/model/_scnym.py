@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from anndata import AnnData
 from mudata import MuData
@@ -50,8 +50,9 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
     batch_centering
         Centre each cell's log-expression on the mean of its batch (every registered cell
         of the batch, labelled or not) before the network sees it, after MixMatch's
-        augmentations; needs ``batch_key`` with 2 or more batches. A query's new batches
-        are centred on their own means in :meth:`load_query_data`. Off by default. It
+        augmentations; ``True`` needs ``batch_key`` with 2 or more batches, ``"auto"``
+        centres when there are. A query's new batches are centred on their own means in
+        :meth:`load_query_data`. Off by default. It
         also removes differences in cell-type composition between batches: use it when
         the batches hold broadly the same types.
     seed
@@ -100,10 +101,11 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout_rate: float = 0.1,
-        batch_centering: bool = False,
+        batch_centering: bool | Literal["auto"] = False,
         seed: int = 0,
     ):
         super().__init__(adata)
+        batch_centering = self._resolved_batch_centering(batch_centering)
         self._init_data_checks(batch_centering)
         self._domain_from_batch = self.n_batches > 1
         n_domains = self.n_batches if self._domain_from_batch else 2

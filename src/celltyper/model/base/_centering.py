@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+from typing import Literal
+
 import numpy as np
+import pandas as pd
 import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
 from celltyper._utils import iter_row_chunks, log1p_scaled_counts, n_columns
+
+from ._data import split_modality
 
 
 def batch_log_means(
@@ -44,6 +51,52 @@ class BatchCenteringMixin:
     :meth:`_init_batch_centering` after; query surgery then fills in the means of the
     query's new batches (:meth:`_after_query_surgery`).
     """
+
+    def _resolved_batch_centering(self, batch_centering: bool | Literal["auto"]) -> bool:
+        """``batch_centering`` as a bool: ``"auto"`` centres when the registered data
+        hold 2 or more batches."""
+        if isinstance(batch_centering, str) and batch_centering == "auto":
+            return self.n_batches > 1
+        if not isinstance(batch_centering, bool | np.bool_):
+            raise ValueError(
+                f"batch_centering must be True, False or 'auto', got {batch_centering!r}."
+            )
+        return bool(batch_centering)
+
+    @contextmanager
+    def _model_data(self, adata=None, what: str = "adata", gene_column=None, chunked=True):
+        if adata is not None and adata is not self.adata:
+            self._warn_unseen_batches(adata, what)
+        with super()._model_data(adata, what, gene_column, chunked) as data:
+            yield data
+
+    def _warn_unseen_batches(self, adata, what: str) -> None:
+        """Warn that cells of batches the model never saw are centred on the first
+        reference batch's mean (new data keep no batch of their own outside query
+        surgery), so their own batch shift stays in their input."""
+        registration = self.registration
+        key = registration.batch_key
+        if not getattr(self.module, "batch_centering", False) or key is None:
+            return
+        obs = split_modality(adata, registration.rna_modality)[1]
+        values = (
+            obs[key].astype(object).to_numpy()
+            if key in obs.columns
+            else np.full(len(obs), None, dtype=object)
+        )
+        unseen = pd.Index(registration.batches).get_indexer(values) < 0
+        if not unseen.any():
+            return
+        names = sorted(map(str, pd.unique(values[unseen])))[:5]
+        warnings.warn(
+            f"{int(unseen.sum())} cells of the {what} are in batches the model never saw "
+            f"(obs[{key!r}]: {', '.join(names)}). Batch centring centres them on the mean "
+            f"of the reference batch {registration.batches[0]!r}, which leaves their own "
+            "batch shift in place. To centre a new batch on its own mean, map the data "
+            "with load_query_data, or train with it (as `celltyper annotate` does).",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _check_batch_centering(self) -> None:
         if self.n_batches < 2:
