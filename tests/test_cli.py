@@ -337,8 +337,15 @@ def test_a_signal_mid_training_exits_non_zero_with_one_line_and_no_files(tmp_pat
         str(parts["query"][0]), "--model", "scatlasvae", "--max-epochs", "3000",
         "--output", str(out),
     ]  # fmt: skip
+    # Ctrl+C's default disposition in the child, whatever an earlier test left in this
+    # process (a Lightning fit that handled a KeyboardInterrupt ignores SIGINT after it).
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in process.stdout:
         if line.startswith("Training"):
