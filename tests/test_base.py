@@ -542,3 +542,7 @@ def test_batch_centering_warns_on_batches_the_model_never_saw(model_name):
     ):
         model.predict(query)
     pd.testing.assert_frame_equal(query.obs, before)
+    no_batch = known.copy()
+    del no_batch.obs["batch"]
+    with pytest.warns(UserWarning, match=r"never saw \(no obs\['batch'\]\)"):
+        model.predict(no_batch)

@@ -79,18 +79,18 @@ class BatchCenteringMixin:
         if not getattr(self.module, "batch_centering", False) or key is None:
             return
         obs = split_modality(adata, registration.rna_modality)[1]
-        values = (
-            obs[key].astype(object).to_numpy()
-            if key in obs.columns
-            else np.full(len(obs), None, dtype=object)
-        )
-        unseen = pd.Index(registration.batches).get_indexer(values) < 0
+        if key in obs.columns:
+            values = obs[key].astype(object).to_numpy()
+            unseen = pd.Index(registration.batches).get_indexer(values) < 0
+            found = f"obs[{key!r}]: {', '.join(sorted(map(str, pd.unique(values[unseen])))[:5])}"
+        else:
+            unseen = np.ones(len(obs), dtype=bool)
+            found = f"no obs[{key!r}]"
         if not unseen.any():
             return
-        names = sorted(map(str, pd.unique(values[unseen])))[:5]
         warnings.warn(
             f"{int(unseen.sum())} cells of the {what} are in batches the model never saw "
-            f"(obs[{key!r}]: {', '.join(names)}). Batch centring centres them on the mean "
+            f"({found}). Batch centring centres them on the mean "
             f"of the reference batch {registration.batches[0]!r}, which leaves their own "
             "batch shift in place. To centre a new batch on its own mean, map the data "
             "with load_query_data, or train with it (as `celltyper annotate` does).",

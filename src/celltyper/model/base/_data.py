@@ -134,7 +134,7 @@ def build_model_data(
     keep_new_batches
         Keep batch categories the reference never saw (query surgery learns them); else
         they are mapped to the first reference batch, which only matters to modules whose
-        inference reads the batch (celltyper's encoders do not).
+        inference reads the batch (batch centring does: see ``BatchCenteringMixin``).
     what
         Name of the data in messages.
     extra_columns
