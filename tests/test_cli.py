@@ -360,6 +360,39 @@ def test_a_signal_mid_training_exits_non_zero_with_one_line_and_no_files(tmp_pat
     assert not out.exists() or not any(out.iterdir()), "an unfinished run wrote files"
 
 
+def test_a_signal_inside_a_gc_callback_is_raised_again_after_it(monkeypatch):
+    # An exception raised in a gc callback (JAX registers one) is printed and dropped, so
+    # the handler defers it instead; anywhere else it raises at once.
+    import gc
+    import inspect
+    import os
+    import signal
+
+    from celltyper.cli import _parser
+
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append((pid, signum)))
+
+    handler = _parser._raise_when_safe(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGINT, inspect.currentframe())
+    outcomes = []
+
+    def callback(phase, info):
+        if phase == "start" and not outcomes:
+            outcomes.append(handler(signal.SIGINT, inspect.currentframe()))
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    assert outcomes == [None]
+    _parser._RESENDS[-1].join(timeout=5)
+    assert sent == [(os.getpid(), signal.SIGINT)]  # sent again, after the callback
+    _parser._cancel_resends()
+
+
 def test_help_and_version_do_not_import_the_stack():
     import subprocess
     import sys

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
+import os
 import signal
 import sys
 import threading
@@ -25,15 +27,52 @@ def _annotate(args: argparse.Namespace) -> int:
     return annotate_command(args)
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+def _in_gc_callback(frame) -> bool:
+    """Whether ``frame`` runs inside a garbage-collector callback (JAX registers one)."""
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
-def _stop_on_sigterm():
-    """Make SIGTERM stop the command where it is; returns the handler it replaced."""
+def _raise_when_safe(exception: type[BaseException]):
+    """A signal handler that raises ``exception`` where the program is, unless that is a
+    garbage-collector callback: Python prints an exception raised there ("Exception
+    ignored in ...") and drops it, so the run would go on. The signal is then sent again
+    once the callback has had time to return."""
+
+    def handler(signum, frame) -> None:
+        if _in_gc_callback(frame):
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            _RESENDS.append(timer)
+            timer.start()
+            return
+        _cancel_resends()
+        raise exception()
+
+    return handler
+
+
+#: Signals to send again (see :func:`_raise_when_safe`); cancelled once one is raised.
+_RESENDS: list[threading.Timer] = []
+
+
+def _cancel_resends() -> None:
+    while _RESENDS:
+        _RESENDS.pop().cancel()
+
+
+def _stop_on_signals() -> dict[int, object] | None:
+    """Make SIGTERM and Ctrl+C stop the command where it is; returns the handlers they
+    replaced."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+    return {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_when_safe(Terminated)),
+        signal.SIGINT: signal.signal(signal.SIGINT, _raise_when_safe(KeyboardInterrupt)),
+    }
 
 
 def _positive_int(value: str) -> int:
@@ -260,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = args.command_parser.prog
-    previous = _stop_on_sigterm()
+    previous = _stop_on_signals()
     try:
         return args.handler(args)
     except CliError as err:
@@ -277,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: stopped by {name}; the run did not finish.", file=sys.stderr)
         return code
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        # The run has stopped (Lightning may have stopped it on the first signal).
+        _cancel_resends()
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
     return 2  # not reached: error() exits
