@@ -277,6 +277,26 @@ def test_pseudolabel_min_confidence_filters_unlabelled_cells(small_model):
     assert float(nobody["mixmatch_loss"]) == 0.0
 
 
+def test_label_shift_weights_hand_computed():
+    from celltyper.module._scnym import label_shift_weights
+
+    labels = torch.tensor([0, 0, 0, 1])
+    weights = label_shift_weights(labels, torch.tensor([0.25, 0.75, 0.0]), n_labels=3)
+    # shares 3/4 and 1/4 -> 1/3 and 3; the mean is already 1.
+    torch.testing.assert_close(weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 3.0]))
+    # The weighted classes come in the target proportions.
+    assert float(weights[3] / weights.sum()) == pytest.approx(0.75)
+
+
+def test_adversary_label_shift_reweights_only_the_adversary(small_model):
+    model, adata = small_model
+    on = loss_terms(_loss(model, adata, adversary_weight=1.0, adversary_label_shift=True))
+    off = loss_terms(_loss(model, adata, adversary_weight=1.0, adversary_label_shift=False))
+    assert float(on["adversary_loss"]) != pytest.approx(float(off["adversary_loss"]), rel=1e-4)
+    torch.testing.assert_close(on["supervised_loss"], off["supervised_loss"])
+    torch.testing.assert_close(on["mixmatch_loss"], off["mixmatch_loss"])
+
+
 class _LossKwargs(pl.Callback):
     """Records the loss keywords of the plan a fit runs with."""
 
@@ -414,7 +434,7 @@ def test_interpret_bad_arguments(discovery):
 def test_counts_are_normalised_by_the_module():
     adata = make_counts_adata(cells_per=10, n_genes=40)
     SCNYM.setup_anndata(adata, labels_key="train_label", batch_key="batch")
-    model = SCNYM(adata, n_hidden=16)
+    model = SCNYM(adata, n_hidden=16, batch_centering=False)  # the normalisation alone
     assert model.input_kind_ == "counts"
     assert model.module.normalize_counts is True
     x = torch.tensor(np.asarray(adata.X.todense()))
@@ -429,7 +449,7 @@ def test_lognormalised_input_is_used_as_is_and_kinds_cannot_be_mixed():
     counts = make_counts_adata(cells_per=10, n_genes=40)
     lognorm = log_normalize(counts)
     SCNYM.setup_anndata(lognorm, labels_key="train_label", batch_key="batch")
-    model = SCNYM(lognorm, n_hidden=16)
+    model = SCNYM(lognorm, n_hidden=16, batch_centering=False)  # the input as it is
     assert model.input_kind_ == "normalized"
     assert model.module.normalize_counts is False
     x = torch.tensor(np.asarray(lognorm.X))

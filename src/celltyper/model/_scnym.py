@@ -52,9 +52,10 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
         of the batch, labelled or not) before the network sees it, after MixMatch's
         augmentations; ``True`` needs ``batch_key`` with 2 or more batches, ``"auto"``
         centres when there are. A query's new batches are centred on their own means in
-        :meth:`load_query_data`. Off by default. It
-        also removes differences in cell-type composition between batches: use it when
-        the batches hold broadly the same types.
+        :meth:`load_query_data`. The default, ``"auto"``, centres whenever there are
+        batches (measured in the SCNYM page of the docs: it lifts the whole Kang object
+        from 0.70 to 0.77 balanced accuracy). It also removes differences in cell-type
+        composition between batches; ``False`` turns it off.
     seed
         Seed of the weight initialisation (and the default seed of :meth:`train`).
 
@@ -63,12 +64,16 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
     :meth:`train` (shared by every model) runs one stage: up to 100 epochs (at least 20,
     early stopping after 20 without improvement of the held-out labelled cells'
     cross-entropy), minibatches of 256 labelled and 256 unlabelled cells, the labelled
-    ones oversampled so every type is as frequent as the largest (an epoch is a pass over
-    the larger of the two sets). Its own option ``config`` is ``"no_new_identity"``
-    (every unlabelled cell enters MixMatch and the adversary) or
-    ``"new_identity_discovery"`` (only unlabelled cells with pseudo-label confidence
-    >= 0.9 do, so types absent from the reference are not pulled onto known ones); see
-    :data:`SCNYM_CONFIGS`. Hyperparameters, by name or in ``plan_kwargs``: those of
+    ones oversampled so every type is as frequent as the largest. An epoch is a pass over
+    the labelled cells, each step drawing the next unlabelled cells
+    (``unlabelled_ratio=1.0``), so it costs the same however many unlabelled cells there
+    are; ``unlabelled_ratio=None`` makes it a pass over the larger set. The adversary
+    weighs the labelled cells so that their types come in the mix the classifier
+    predicts for the unlabelled cells (``adversary_label_shift``). Its own option
+    ``config`` is ``"no_new_identity"`` (every unlabelled cell enters MixMatch and the
+    adversary) or ``"new_identity_discovery"`` (only unlabelled cells with pseudo-label
+    confidence >= 0.9 do, so types absent from the reference are not pulled onto known
+    ones); see :data:`SCNYM_CONFIGS`. Hyperparameters, by name or in ``plan_kwargs``: those of
     :class:`~celltyper.train.MixMatchTrainingPlan` (ramps, optimizer: Adadelta, lr 1.0,
     weight decay 1e-4) and of :meth:`~celltyper.module.SCNYMModule.loss`.
 
@@ -101,7 +106,7 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout_rate: float = 0.1,
-        batch_centering: bool | Literal["auto"] = False,
+        batch_centering: bool | Literal["auto"] = "auto",
         seed: int = 0,
     ):
         super().__init__(adata)
@@ -141,7 +146,7 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
                 self._training_plan_cls,
                 max_epochs=100,
                 plan_kwargs=SCNYM_CONFIGS[config],
-                splitter_kwargs={"balance_classes": True},
+                splitter_kwargs={"balance_classes": True, "unlabelled_ratio": 1.0},
                 min_epochs=20,
                 early_stopping_patience=20,
             )

@@ -34,6 +34,17 @@ def shift_towards_query(x_l: Tensor, x_u: Tensor, probability: float) -> Tensor:
     return (x_l + chosen * amount * shift).clamp_min(0.0)
 
 
+def label_shift_weights(labels: Tensor, target: Tensor, n_labels: int) -> Tensor:
+    """Per-cell weights (mean 1) that give ``labels`` the class proportions ``target``.
+
+    A cell of class ``k`` weighs ``target[k] / share[k]``, with ``share`` the classes'
+    shares among ``labels``; the weights are then scaled to a mean of 1.
+    """
+    share = torch.bincount(labels, minlength=n_labels).to(target.dtype) / len(labels)
+    weights = target[labels] / share[labels]
+    return weights / weights.mean().clamp_min(1e-12)
+
+
 class SCNYMModule(LogExpressionClassifier):
     """Classifier of Kimmel & Kelley (2021): ``input -> n_hidden x n_layers -> n_labels``.
 
@@ -117,6 +128,7 @@ class SCNYMModule(LogExpressionClassifier):
         augment_drop_rate: float = 0.1,
         pseudolabel_min_confidence: float = 0.0,
         adversary_confident_only: bool = False,
+        adversary_label_shift: bool = True,
         domain_shift_augmentation: float = 0.0,
     ) -> LossOutput:
         """scNym's objective on a minibatch of labelled and unlabelled cells.
@@ -147,6 +159,12 @@ class SCNYMModule(LogExpressionClassifier):
             unsupervised term (and of the adversary with ``adversary_confident_only``).
         adversary_confident_only
             Restrict the adversary's unlabelled cells to confident ones.
+        adversary_label_shift
+            Weight the labelled cells in the adversary's loss so that their cell types
+            come in the proportions the teacher predicts for the minibatch's unlabelled
+            cells (:func:`label_shift_weights`). The labelled cells are drawn class-balanced
+            and a query rarely holds the reference's mix of types; unweighted, the
+            adversary then pulls query cells of an abundant type onto the rare ones.
         domain_shift_augmentation
             Probability that a labelled cell is moved towards the query's mean (see
             :func:`shift_towards_query`).
@@ -202,7 +220,14 @@ class SCNYMModule(LogExpressionClassifier):
                 keep[~is_labelled] = confident
             domains = codes if self.domain_from_batch else (~is_labelled).long()
             adv_logits = self.adversary(self.embed_log_expression(x[keep]), reversal_weight=1.0)
-            adversarial = F.cross_entropy(adv_logits, domains[keep])
+            weights = torch.ones(len(labels), device=x.device)
+            if adversary_label_shift and n_l and confident.any():
+                predicted_mix = teacher[confident].mean(dim=0)
+                weights[is_labelled] = label_shift_weights(
+                    labels[is_labelled], predicted_mix, self.n_labels
+                )
+            per_cell = F.cross_entropy(adv_logits, domains[keep], reduction="none")
+            adversarial = (per_cell * weights[keep]).sum() / weights[keep].sum()
 
         terms = {
             "supervised_loss": supervised,
