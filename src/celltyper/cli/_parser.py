@@ -69,10 +69,12 @@ def _stop_on_signals() -> dict[int, object] | None:
     replaced."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_when_safe(Terminated)),
-        signal.SIGINT: signal.signal(signal.SIGINT, _raise_when_safe(KeyboardInterrupt)),
-    }
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_when_safe(Terminated))}
+    # Ctrl+C keeps a disposition the caller chose (ignored under nohup, say).
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handler = _raise_when_safe(KeyboardInterrupt)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    return previous
 
 
 def _positive_int(value: str) -> int:
