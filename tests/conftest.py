@@ -216,3 +216,38 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data not present")
     return path
+
+
+@pytest.fixture
+def disk_reads(monkeypatch) -> list:
+    """Every read of a backed sparse matrix, recorded: ``slice(start, stop)`` for a
+    contiguous range (celltyper's direct reader or anndata's slicing), the row array for
+    a scattered read."""
+    from anndata._core.sparse_dataset import BaseCompressedSparseDataset
+
+    from celltyper._utils import _matrix, _rows
+
+    reads: list = []
+    original_range = _matrix.read_row_range
+    original_getitem = BaseCompressedSparseDataset.__getitem__
+
+    def read_range(matrix, start, stop):
+        if isinstance(matrix, BaseCompressedSparseDataset):
+            reads.append(slice(int(start), int(stop)))
+        return original_range(matrix, start, stop)
+
+    def getitem(self, index):
+        reads.append(index[0] if isinstance(index, tuple) else index)
+        return original_getitem(self, index)
+
+    for module in (_matrix, _rows):
+        monkeypatch.setattr(module, "read_row_range", read_range)
+    monkeypatch.setattr(BaseCompressedSparseDataset, "__getitem__", getitem)
+    return reads
+
+
+def read_size(index) -> int:
+    """Rows of one read recorded by :func:`disk_reads`."""
+    if isinstance(index, slice):
+        return index.stop - index.start
+    return len(np.atleast_1d(np.asarray(index)))

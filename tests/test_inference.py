@@ -16,6 +16,7 @@ import torch
 from conftest import assert_unchanged, make_counts_adata, snapshot, tiny_kwargs, train_kwargs
 
 import celltyper.model
+from celltyper._utils import _rows
 from celltyper.model.base import _inference, read_annotation
 
 MODELS = ["SCNYM", "CELLULAR", "SCATLASVAE", "SCPRETRAIN", "RANKFORMER"]
@@ -133,15 +134,15 @@ def test_backed_matrix_is_read_in_chunks_never_whole(
     stamp = path.stat().st_mtime_ns
     query = ad.read_h5ad(path, backed="r")
     reads = []
-    original = _inference.take_rows
+    original = _rows.take_rows
 
     def spy(array, rows):
         block = original(array, rows)
-        if not isinstance(array, _inference.AlignedRows | np.ndarray):  # the file itself
+        if not isinstance(array, _rows.AlignedRows | np.ndarray):  # the file itself
             reads.append(block.shape[0])
         return block
 
-    monkeypatch.setattr(_inference, "take_rows", spy)
+    monkeypatch.setattr(_rows, "take_rows", spy)
     model.annotation_table(query, write_to=tmp_path / "out.h5")
     model.annotate(query)
     assert reads and max(reads) <= CHUNK_CELLS

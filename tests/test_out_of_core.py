@@ -18,7 +18,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from anndata.experimental import AnnCollection
-from conftest import tiny_kwargs
+from conftest import read_size, tiny_kwargs
 from scvi import REGISTRY_KEYS
 from scvi.dataloaders import CollectionAdapter
 
@@ -62,23 +62,6 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(_inference, "CHUNK_VALUES", _ROWS_PER_CHUNK * 60)
 
 
-@pytest.fixture
-def read_sizes(monkeypatch):
-    """Rows of every read of a backed sparse matrix, recorded."""
-    from anndata._core.sparse_dataset import BaseCompressedSparseDataset
-
-    sizes: list[int] = []
-    original = BaseCompressedSparseDataset.__getitem__
-
-    def recording(self, index):
-        out = original(self, index)
-        sizes.append(out.shape[0])
-        return out
-
-    monkeypatch.setattr(BaseCompressedSparseDataset, "__getitem__", recording)
-    return sizes
-
-
 def _fit(name: str, data, **setup):
     cls = getattr(celltyper.model, name)
     cls.setup_anndata(data, labels_key="train_label", batch_key="batch", **setup)
@@ -91,7 +74,7 @@ def _fit(name: str, data, **setup):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_trains_and_predicts_from_a_backed_file_without_reading_it_whole(
-    name, tmp_path, small_chunks, read_sizes
+    name, tmp_path, small_chunks, disk_reads
 ):
     path = tmp_path / "cells.h5ad"
     memory = _tiny(n_copies=3)
@@ -105,9 +88,11 @@ def test_trains_and_predicts_from_a_backed_file_without_reading_it_whole(
     assert model.is_trained_
     assert len(predicted) == backed.n_obs
     assert set(predicted) <= set(model.cell_types)
-    # No read took the labelled cells (180) or more: statistics and inference came in
-    # blocks of 24 rows, training minibatches by rows (32).
-    assert read_sizes and max(read_sizes) <= _ROWS_PER_CHUNK + 8
+    # No read took the labelled cells (180) or more: statistics, inference and training
+    # (blocks of consecutive cells) came in blocks of at most 24 rows; SCPRETRAIN's
+    # pretraining reads its minibatches by rows (32).
+    sizes = [read_size(r) for r in disk_reads]
+    assert sizes and max(sizes) <= _ROWS_PER_CHUNK + 8
     # The file is untouched; the registration lives in memory only.
     assert backed.isbacked and _digest(path) == before
     assert "_scvi_labels" not in ad.read_h5ad(path, backed="r").obs.columns
@@ -201,6 +186,19 @@ def test_iter_row_chunks_covers_every_row_in_order(on_disk):
         next(iter_row_chunks(backed.X, 8, rows=np.array([3, 1])))
     with pytest.raises(ValueError, match="chunk_size must be a whole number >= 1, got 0"):
         next(iter_row_chunks(backed.X, 0))
+
+
+def test_read_row_range_of_a_backed_csr_equals_anndatas_slicing(on_disk):
+    memory, backed = on_disk
+    n = memory.n_obs
+    for start, stop in [(0, 5), (57, 58), (40, 40), (n - 3, n + 10), (0, n)]:
+        got = _matrix.read_row_range(backed.X, start, stop)
+        expected = memory.X[start:stop]
+        assert sp.isspmatrix_csr(got) and got.shape == expected.shape
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got.toarray(), expected.toarray())
+    dense = memory.X[3:9].toarray()
+    np.testing.assert_array_equal(_matrix.read_row_range(memory.X.toarray(), 3, 9), dense)
 
 
 def test_rankformer_medians_from_disk_equal_those_in_memory(on_disk):

@@ -22,6 +22,7 @@ from ._matrix import (
     n_rows,
     row_totals,
 )
+from ._rows import AlignedRows, RowSource, dense_tensors, on_disk, take_rows
 from ._seed import seeded
 from ._validation import (
     InputKind,
@@ -36,8 +37,10 @@ from ._validation import (
 
 __all__ = [
     "CHUNK_VALUES",
+    "AlignedRows",
     "GeneOverlap",
     "InputKind",
+    "RowSource",
     "align_genes",
     "check_labels",
     "check_matrix_values",
@@ -46,6 +49,7 @@ __all__ = [
     "columns_holding",
     "default_chunk_size",
     "dense_float32",
+    "dense_tensors",
     "gene_identifier_type",
     "gene_kind_advice",
     "gene_names",
@@ -56,9 +60,11 @@ __all__ = [
     "log1p_scaled_counts",
     "n_columns",
     "n_rows",
+    "on_disk",
     "require_counts",
     "row_totals",
     "sampled_input_kind",
     "seeded",
     "select_gene_columns",
+    "take_rows",
 ]

@@ -62,6 +62,33 @@ def is_in_memory(matrix) -> bool:
     return sparse.issparse(matrix) and (hasattr(matrix, "indptr") or hasattr(matrix, "row"))
 
 
+def read_row_range(matrix, start: int, stop: int):
+    """Rows ``start:stop`` of a matrix in memory or on disk, as stored (a scipy CSR
+    matrix for a sparse one).
+
+    A backed CSR dataset is read straight from its ``indptr``, ``indices`` and ``data``
+    arrays (three contiguous reads): anndata's own slicing looks up scipy's installed
+    version on every call (``importlib.metadata``, about 6 ms here), which cost more
+    than the read itself for blocks of a few hundred rows.
+    """
+    from anndata.abc import CSRDataset
+
+    if not isinstance(matrix, CSRDataset):
+        return matrix[start:stop]
+    n, n_columns = (int(d) for d in matrix.shape)
+    start, stop = max(0, min(start, n)), max(0, min(stop, n))
+    stop = max(start, stop)
+    group = matrix.group
+    indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
+    if len(indptr) == 0:
+        indptr = np.zeros(1, dtype=np.int64)
+    first, last = int(indptr[0]), int(indptr[-1])
+    return sparse.csr_matrix(
+        (group["data"][first:last], group["indices"][first:last], indptr - first),
+        shape=(stop - start, n_columns),
+    )
+
+
 def n_rows(matrix) -> int:
     """Number of rows of an in-memory or on-disk matrix (an ``AnnCollection`` layer
     included, which has no ``shape``)."""
@@ -165,7 +192,7 @@ def iter_row_chunks(
             return
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            yield start, stop, _as_block(matrix[start:stop], dense)
+            yield start, stop, _as_block(read_row_range(matrix, start, stop), dense)
         return
     rows = _check_rows(rows, n)
     if is_in_memory(matrix):
@@ -177,5 +204,5 @@ def iter_row_chunks(
         start, stop = np.searchsorted(rows, [first, first + chunk_size])
         if start == stop:
             continue
-        block = matrix[first : min(first + chunk_size, n)]
+        block = read_row_range(matrix, first, min(first + chunk_size, n))
         yield int(start), int(stop), _as_block(block[rows[start:stop] - first], dense)

@@ -1,6 +1,7 @@
 """Data helpers: splitting for training and the demo datasets bundled with celltyper."""
 
 from ._all_cells import AllCellsSplitter
+from ._blocks import BlockShuffledLoader, cell_loader
 from ._demo import kang_pbmc
 from ._planted import PREVIOUS_LAYER, planted_state_changes
 from ._pseudo_labels import (
@@ -45,11 +46,13 @@ __all__ = [
     "PREVIOUS_LAYER",
     "PSEUDO_LABELS_KEY",
     "AllCellsSplitter",
+    "BlockShuffledLoader",
     "CyclingConcatDataLoader",
     "LabelledUnlabelledSplitter",
     "PseudoLabelDataModule",
     "RankTokens",
     "balanced_resample",
+    "cell_loader",
     "check_resolutions",
     "join_paired_tokens",
     "kang_pbmc",

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from scvi.dataloaders import AnnDataLoader
-
+from ._blocks import cell_loader
 from ._distributed import replica
 from ._splitting import LabelledUnlabelledSplitter
 
@@ -20,9 +19,9 @@ class AllCellsSplitter(LabelledUnlabelledSplitter):
         rank, world_size = replica(self)
         if world_size > 1:
             return self._shard(self.train_idx, rank, world_size)
-        return AnnDataLoader(
+        return cell_loader(
             self.adata_manager,
-            indices=self.train_idx,
+            self.train_idx,
             shuffle=True,
             batch_size=self.batch_size,
             drop_last=self._drop_last(len(self.train_idx)),

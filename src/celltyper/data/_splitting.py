@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -9,6 +12,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.dataloaders import AnnDataLoader, ConcatDataLoader
 
+from ._blocks import cell_loader, registered_on_disk
 from ._distributed import OnEveryProcess, ShardedConcatLoader, replica, sharded_loader
 
 
@@ -87,14 +91,15 @@ class CyclingConcatDataLoader(ConcatDataLoader):
             drop_last=False,
             **loader_kwargs,
         )
+        on_file = registered_on_disk(adata_manager)
         for i, (indices, drop) in enumerate(zip(indices_list, drop_last, strict=True)):
-            if drop:
-                self.dataloaders[i] = AnnDataLoader(
+            if drop or on_file:
+                self.dataloaders[i] = cell_loader(
                     adata_manager,
-                    indices=indices,
+                    indices,
                     shuffle=shuffle,
                     batch_size=batch_size,
-                    drop_last=True,
+                    drop_last=drop,
                     data_and_attributes=self.data_and_attributes,
                     **self.data_loader_kwargs,
                 )
@@ -161,6 +166,7 @@ class LabelledEpochLoader:
         # One process draws from torch's global generator (seeded by train(seed=...));
         # several draw alike from their own.
         self._generator = torch.Generator().manual_seed(seed) if world_size > 1 else None
+        self._block_passes: Iterator | None = None
 
     def __len__(self) -> int:
         return len(self.labelled)
@@ -181,18 +187,36 @@ class LabelledEpochLoader:
             return drawn
         return drawn.reshape(n_steps, self.world_size, self.per_step)[:, self.rank].ravel()
 
-    def __iter__(self):
-        if self.world_size > 1:
-            # Lightning sets the epoch of the samplers it sees; this one is inside.
-            self.labelled.sampler.set_epoch(self._epochs_done)
-            self._epochs_done += 1
-        unlabelled = AnnDataLoader(
+    def _unlabelled_minibatches(self) -> Iterator:
+        """The unlabelled minibatches of the next epoch."""
+        if self.world_size == 1 and registered_on_disk(self.adata_manager):
+            # On disk, the stream is read by blocks of consecutive cells: one loader
+            # whose passes continue from epoch to epoch.
+            if self._block_passes is None:
+                self._block_passes = _passes(
+                    cell_loader(
+                        self.adata_manager,
+                        self.unlabelled_idx,
+                        shuffle=True,
+                        batch_size=self.per_step,
+                        **self.loader_kwargs,
+                    )
+                )
+            return itertools.islice(self._block_passes, len(self.labelled))
+        return AnnDataLoader(
             self.adata_manager,
             indices=self._epoch_unlabelled(),
             shuffle=False,
             batch_size=self.per_step,
             **self.loader_kwargs,
         )
+
+    def __iter__(self):
+        if self.world_size > 1:
+            # Lightning sets the epoch of the samplers it sees; this one is inside.
+            self.labelled.sampler.set_epoch(self._epochs_done)
+            self._epochs_done += 1
+        unlabelled = self._unlabelled_minibatches()
         for pair in zip(self.labelled, unlabelled, strict=False):
             yield list(pair)
 
@@ -319,9 +343,9 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         if world_size > 1:
             labelled = self._shard(self.labelled_sampling_idx, rank, world_size)
         else:
-            labelled = AnnDataLoader(
+            labelled = cell_loader(
                 self.adata_manager,
-                indices=self.labelled_sampling_idx,
+                self.labelled_sampling_idx,
                 shuffle=True,
                 batch_size=self.batch_size,
                 drop_last=self._drop_last(len(self.labelled_sampling_idx)),
@@ -342,9 +366,9 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
     def val_dataloader(self):
         if self.n_val == 0:
             return []
-        loader = AnnDataLoader(
+        loader = cell_loader(
             self.adata_manager,
-            indices=self.val_idx,
+            self.val_idx,
             shuffle=False,
             batch_size=self.batch_size,
             **self.loader_kwargs,

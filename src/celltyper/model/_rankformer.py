@@ -14,6 +14,7 @@ from mudata import MuData
 from scipy import sparse
 from scvi import REGISTRY_KEYS
 
+from celltyper._utils import dense_tensors
 from celltyper.data import (
     LabelledUnlabelledSplitter,
     RankTokens,
@@ -32,7 +33,6 @@ from ._context import (
     report_missing_context,
 )
 from .base import CellTyperModel, FieldFactory, TrainingStage, seeded
-from .base._inference import dense_tensors
 
 logger = logging.getLogger(__name__)
 

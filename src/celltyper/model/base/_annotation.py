@@ -18,6 +18,7 @@ from scipy.special import softmax
 from scvi import REGISTRY_KEYS
 from scvi.data._constants import _SCVI_UUID_KEY
 
+from celltyper._utils import RowSource, dense_tensors
 from celltyper._utils._clusters import majority_vote, over_cluster
 from celltyper.module._base import SparseRows
 
@@ -25,10 +26,8 @@ from ._confidence import ConfidenceMixin
 from ._data import Registration, build_model_data, model_data_source
 from ._inference import (
     DEFAULT_INFERENCE_BATCH,
-    RowSource,
     check_batch_size,
     chunk_rows_for,
-    dense_tensors,
     sorted_indices,
     split_minibatches,
 )

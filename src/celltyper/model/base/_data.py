@@ -21,7 +21,9 @@ from mudata import MuData
 from scvi import REGISTRY_KEYS
 
 from celltyper._utils import (
+    AlignedRows,
     InputKind,
+    RowSource,
     align_genes,
     check_matrix_values,
     check_not_empty,
@@ -29,9 +31,8 @@ from celltyper._utils import (
     gene_positions,
     get_matrix,
     is_in_memory,
+    take_rows,
 )
-
-from ._inference import AlignedRows, RowSource, take_rows
 
 #: Rows whose values tell counts from normalised data (as :func:`check_matrix_values`).
 _KIND_SAMPLE_ROWS = 5000
