@@ -22,7 +22,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.dataloaders import AnnDataLoader
 
-from celltyper._utils import RowSource, _matrix, dense_tensors, on_disk
+from celltyper._utils import RowSource, default_chunk_size, dense_tensors, on_disk
 
 #: Blocks read per shuffle buffer; a minibatch mixes cells of up to this many places.
 BLOCKS_PER_BUFFER = 16
@@ -37,11 +37,11 @@ def registered_on_disk(adata_manager: AnnDataManager) -> bool:
     return on_disk(adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY))
 
 
-def default_block_cells(n_genes: int, blocks_per_buffer: int = BLOCKS_PER_BUFFER) -> int:
-    """Cells per block: a buffer of ``blocks_per_buffer`` blocks holds about
-    :data:`~celltyper._utils.CHUNK_VALUES` values, the inference loop's chunk."""
-    chunk_cells = max(1, _matrix.CHUNK_VALUES // max(int(n_genes), 1))
-    return max(1, chunk_cells // blocks_per_buffer)
+def default_block_cells(matrix, blocks_per_buffer: int = BLOCKS_PER_BUFFER) -> int:
+    """Cells per block: a buffer of ``blocks_per_buffer`` blocks holds as many cells as
+    one chunk of :func:`~celltyper._utils.iter_row_chunks` (about
+    :data:`~celltyper._utils.CHUNK_VALUES` values) on disk."""
+    return max(1, default_chunk_size(matrix) // blocks_per_buffer)
 
 
 def _read_rows(source: RowSource, rows: np.ndarray) -> dict:
@@ -115,8 +115,8 @@ class BlockShuffledLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         if block_cells is None:
-            n_genes = adata_manager.summary_stats.n_vars
-            block_cells = default_block_cells(n_genes, blocks_per_buffer)
+            matrix = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+            block_cells = default_block_cells(matrix, blocks_per_buffer)
         self.block_cells = int(block_cells)
         self.blocks_per_buffer = int(blocks_per_buffer)
 
