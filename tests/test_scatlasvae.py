@@ -666,3 +666,62 @@ def test_interpret_needs_label_heads():
     model = SCATLASVAE(adata, **TINY)
     with pytest.raises(ValueError, match="without labels_key"):
         model.interpret(groupby="cell_type", target="T1")
+
+
+# -- genes a batch did not measure ----------------------------------------------------------
+def test_unmeasured_genes_need_zero_counts_where_the_other_batches_expect_ten():
+    from celltyper.model.base._centering import unmeasured_genes
+
+    # Batch 0 (40 counts) has no count of gene 0, which holds 20 of batch 1's 30 counts:
+    # 40 * 20 / 30 = 26.7 expected. Gene 2 is zero in batch 0 too, but expects 2.7 only.
+    counts = np.array([[0, 20, 0], [0, 20, 0], [10, 0, 1], [10, 8, 1]], dtype=np.float32)
+    codes = np.array([0, 0, 1, 1])
+    missing = unmeasured_genes(counts, codes, 2)
+    np.testing.assert_array_equal(missing, [[True, False, False], [False, False, False]])
+    assert not unmeasured_genes(counts, np.zeros(4, dtype=int), 1).any()
+
+
+def _zero_filled_panel(raw, batch="b0", genes=slice(60, None)):
+    adata = raw.copy()
+    x = adata.X.toarray()
+    x[(adata.obs["batch"] == batch).to_numpy(), genes] = 0
+    adata.X = type(raw.X)(x)
+    return adata
+
+
+def test_encoder_skips_genes_a_batch_did_not_measure():
+    raw = make_counts_adata(n_batches=2, cells_per=20)
+    adata = _zero_filled_panel(raw)
+    SCATLASVAE.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = SCATLASVAE(adata, **TINY)
+    assert model.unread_genes == list(adata.var_names[60:])
+    assert "skips 40 genes" in model._model_summary_string
+    model.train(max_epochs=1, **FAST)
+    # The latent of b1's cells ignores the genes b0 lacks, on the sparse and dense paths.
+    b1 = (adata.obs["batch"] == "b1").to_numpy()
+    changed = _zero_filled_panel(adata[b1].copy(), batch="b1")
+    latent = model.get_latent_representation(adata[b1].copy())
+    np.testing.assert_allclose(model.get_latent_representation(changed), latent, atol=1e-5)
+    module = model.module.eval()
+    dense = {REGISTRY_KEYS.X_KEY: torch.as_tensor(adata[b1].X.toarray())}
+    np.testing.assert_allclose(module.embed(dense).detach().numpy(), latent, atol=1e-4)
+    reading_all = SCATLASVAE(adata, skip_unmeasured_genes=False, **TINY)
+    assert reading_all.unread_genes == []
+    with pytest.raises(TypeError, match="skip_unmeasured_genes must be True or False, got 'yes'"):
+        SCATLASVAE(adata, skip_unmeasured_genes="yes", **TINY)
+
+
+def test_gene_mask_is_saved_and_files_without_it_read_every_gene(tmp_path):
+    raw = make_counts_adata(n_batches=2, cells_per=20)
+    adata = _zero_filled_panel(raw)
+    SCATLASVAE.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = SCATLASVAE(adata, **TINY)
+    model.train(max_epochs=1, **FAST)
+    model.save(tmp_path / "m")
+    loaded = SCATLASVAE.load(tmp_path / "m", adata=adata)
+    assert loaded.unread_genes == model.unread_genes
+    older = {k: v for k, v in model.module.state_dict().items() if k != "encoder_genes"}
+    module = SCATLASVAEModule(adata.n_vars, [2], [4], n_hidden=32, n_latent=8)
+    module.encoder_genes.zero_()
+    module.load_state_dict(older)
+    assert bool((module.encoder_genes == 1).all())

@@ -24,6 +24,7 @@ from celltyper.train import SCATLASVAETrainingPlan
 
 from .base import CellTyperModel, FieldFactory, Registration, TrainingStage, seeded
 from .base._annotation import _obs_names
+from .base._centering import unmeasured_genes
 from .base._data import _batch_column, _labels_column
 
 #: Most epochs by default: scvi's 400 cost CellBench 0.14 balanced accuracy, diverged on the demo.
@@ -91,6 +92,11 @@ class SCATLASVAE(CellTyperModel):
         Weight of each label key's cross-entropy; defaults to 1 for every key.
     mmd_key
         Batch key whose groups ``train(mmd_weight=...)`` aligns (default ``batch_key``).
+    skip_unmeasured_genes
+        Whether the encoder leaves out genes that some batch did not measure (zero in all
+        its cells where the other batches predict 10 or more counts, as with a smaller
+        gene panel filled with zeros; see :attr:`unread_genes`). Their zeros would tell
+        the batch-invariant encoder the batch. The decoder still reconstructs them.
     seed
         Seed of the weight initialisation (and the default seed of :meth:`train`).
 
@@ -132,6 +138,7 @@ class SCATLASVAE(CellTyperModel):
         normalize_total: float | None = None,
         head_weights: Sequence[float] | None = None,
         mmd_key: str | None = None,
+        skip_unmeasured_genes: bool = True,
         seed: int = 0,
     ):
         super().__init__(adata)
@@ -159,13 +166,34 @@ class SCATLASVAE(CellTyperModel):
         for k in range(len(self.labels_keys)):
             codes = self.get_from_registry(self.adata, extra_labels_registry_key(k))
             self.module.set_class_weights(k, torch.as_tensor(np.asarray(codes)))
+        if not isinstance(skip_unmeasured_genes, bool | np.bool_):
+            raise TypeError(
+                f"skip_unmeasured_genes must be True or False, got {skip_unmeasured_genes!r}."
+            )
+        if skip_unmeasured_genes:
+            self._skip_unmeasured_genes()
         heads = dict(zip(self.labels_keys, n_labels_per_key, strict=True))
+        n_unread = len(self.unread_genes)
         self._model_summary_string = (
             f"SCATLASVAE: {n_layers} x {n_hidden} hidden, {n_latent}-d latent, {likelihood} "
             f"likelihood, batch keys {batch_keys} ({covariate_representation}), label heads "
             f"(types): {heads or 'none'}"
+            + (f", encoder skips {n_unread} genes unmeasured in a batch" if n_unread else "")
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _skip_unmeasured_genes(self) -> None:
+        """Mask out of the encoder the genes some registered batch did not measure."""
+        counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        missing = unmeasured_genes(counts, self._batch_codes(), self.n_batches)
+        self.module.set_encoder_genes(torch.as_tensor(~missing.any(axis=0)))
+
+    @property
+    def unread_genes(self) -> list[str]:
+        """Genes the encoder leaves out (``skip_unmeasured_genes``): unmeasured in some
+        batch of the data the model was built on."""
+        read = self.module.encoder_genes.detach().cpu().numpy() > 0
+        return [str(g) for g in self.registration.genes[~read]]
 
     # -- training ---------------------------------------------------------------------------
     @functools.wraps(CellTyperModel.train)

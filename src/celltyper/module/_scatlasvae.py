@@ -140,6 +140,14 @@ class SCATLASVAEModule(CellTyperModule):
         self.register_buffer(
             "n_reference_categories", torch.tensor([int(n) for n in n_categories])
         )
+        # 1 for the genes the encoder reads, 0 for genes some batch did not measure: their
+        # zero-filled values would tell the batch-invariant encoder the batch.
+        self.register_buffer("encoder_genes", torch.ones(n_input))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files saved before the gene mask existed read every gene.
+        state_dict.setdefault(f"{prefix}encoder_genes", torch.ones(self.n_input))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- inputs -------------------------------------------------------------------------
     @property
@@ -161,11 +169,24 @@ class SCATLASVAEModule(CellTyperModule):
         weights = torch.where(counts > 0, counts.sum() / counts, torch.zeros_like(counts))
         self.class_weights(k).copy_(weights.float())
 
+    def set_encoder_genes(self, read: Tensor) -> None:
+        """Let the encoder read only the genes where ``read`` (one boolean per gene) is
+        true; the others enter it as zeros (the decoder still reconstructs them)."""
+        read = torch.as_tensor(read).reshape(-1)
+        if read.numel() != self.n_input:
+            raise ValueError(
+                f"read needs one entry per gene ({self.n_input}), got {read.numel()}."
+            )
+        self.encoder_genes.copy_(read.to(self.encoder_genes))
+
     def encoder_input(self, x: Tensor) -> Tensor:
-        """``log1p`` of the counts, after scaling to ``target_sum`` when set."""
+        """``log1p`` of the counts, after scaling to ``target_sum`` when set; genes outside
+        ``encoder_genes`` are 0."""
         if self.target_sum is None:
-            return torch.log1p(x)
-        return log1p_normalize(x, self.target_sum)
+            values = torch.log1p(x)
+        else:
+            values = log1p_normalize(x, self.target_sum)
+        return values * self.encoder_genes
 
     @staticmethod
     def covariate_codes(tensors: dict[str, Tensor]) -> list[Tensor]:
@@ -197,7 +218,8 @@ class SCATLASVAEModule(CellTyperModule):
         """The encoder's mean for sparse rows: the opening layer multiplies the stored
         entries of ``encoder_input``; equal to the dense path to rounding."""
         first, rest = fc_layers_first_linear(self.encoder.encoder)
-        hidden = sparse_product(sparse_log_values(rows.matrix, self.target_sum), first.weight)
+        weight = first.weight * self.encoder_genes
+        hidden = sparse_product(sparse_log_values(rows.matrix, self.target_sum), weight)
         if first.bias is not None:
             hidden = hidden + first.bias
         return self.encoder.mean_encoder(rest(hidden))

@@ -42,6 +42,39 @@ def batch_log_means(
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
+#: A gene with no count in a batch is unmeasured there when the other batches' share of
+#: the gene predicts at least this many counts in it: a Poisson chance of e^-10 of zero.
+MIN_EXPECTED_COUNTS = 10.0
+
+
+def unmeasured_genes(
+    counts, batch_codes: np.ndarray, n_batch: int, min_expected: float = MIN_EXPECTED_COUNTS
+) -> np.ndarray:
+    """Genes a batch did not measure (zero-filled, e.g. absent from its gene panel),
+    ``(n_batch, n_genes)`` booleans.
+
+    A gene is unmeasured in batch ``b`` when it has no count in ``b`` although its share
+    of the other batches' counts, times ``b``'s total count, expects ``min_expected`` or
+    more; a gene merely too rare to be seen in a small batch counts as measured. With a
+    single batch nothing is unmeasured. ``counts`` is read in blocks of rows, as by
+    :func:`batch_log_means`.
+    """
+    cells = np.bincount(batch_codes, minlength=n_batch)
+    sums = batch_log_means(counts, batch_codes, n_batch, None).astype(np.float64)
+    sums *= cells[:, None]
+    missing = np.zeros(sums.shape, dtype=bool)
+    if n_batch < 2:
+        return missing
+    total = sums.sum(axis=0)
+    for b in range(n_batch):
+        others = total - sums[b]
+        if cells[b] == 0 or others.sum() <= 0:
+            continue
+        expected = others / others.sum() * sums[b].sum()
+        missing[b] = (sums[b] == 0) & (expected >= min_expected)
+    return missing
+
+
 class BatchCenteringMixin:
     """``batch_centering`` for models whose module is a
     :class:`~celltyper.module.LogExpressionClassifier`.
