@@ -505,6 +505,24 @@ def test_batch_centering_auto_centres_when_there_are_batches(model_name):
         model_cls(two, **tiny_kwargs(model_cls), batch_centering="yes")
 
 
+@pytest.mark.parametrize("model_name", _centring_models())
+def test_files_saved_without_batch_means_load_uncentred(model_name):
+    from conftest import make_counts_adata, tiny_kwargs
+
+    import celltyper.model
+
+    model_cls = getattr(celltyper.model, model_name)
+    adata = make_counts_adata(n_batches=2, cells_per=10)
+    model_cls.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    uncentred = model_cls(adata, **tiny_kwargs(model_cls), batch_centering=False)
+    centred = model_cls(adata, **tiny_kwargs(model_cls), batch_centering=True)
+    # As a file saved before the model could centre: no batch_means in its state.
+    centred.module.load_state_dict(uncentred.module.state_dict())
+    assert not centred.module.batch_centering
+    assert "batch_means" not in centred.module.state_dict()
+    np.testing.assert_array_equal(centred.predict(soft=True), uncentred.predict(soft=True))
+
+
 def test_cellular_centres_batches_by_default():
     from conftest import make_counts_adata, tiny_kwargs
 

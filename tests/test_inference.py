@@ -240,11 +240,11 @@ def test_cli_rejects_a_negative_stream_threshold(capsys):
 
 @pytest.mark.parametrize(
     ("name", "centring"),
-    [("SCNYM", True), ("SCNYM", False), ("SCPRETRAIN", False), ("CELLULAR", True),
-     ("CELLULAR", False), ("SCATLASVAE", False)],
+    [("SCNYM", True), ("SCNYM", False), ("SCPRETRAIN", True), ("SCPRETRAIN", False),
+     ("CELLULAR", True), ("CELLULAR", False), ("SCATLASVAE", False)],
 )  # fmt: skip
 def test_sparse_rows_path_equals_dense(name, centring):
-    centring_models = ("SCNYM", "CELLULAR")
+    centring_models = ("SCNYM", "CELLULAR", "SCPRETRAIN")
     model = _one_epoch_model(
         name, **({"batch_centering": centring} if name in centring_models else {})
     )

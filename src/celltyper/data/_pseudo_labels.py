@@ -124,15 +124,27 @@ def kmeans_pseudo_labels(
 
 
 class _PseudoLabelledRows(torch.utils.data.Dataset):
-    """Cells as minibatch dicts: expression row, dataset code and pseudo-labels."""
+    """Cells as minibatch dicts: expression row, dataset code and pseudo-labels (and the
+    registered batch code, when given)."""
 
-    def __init__(self, matrix, datasets: np.ndarray, pseudo_labels: np.ndarray):
+    def __init__(
+        self,
+        matrix,
+        datasets: np.ndarray,
+        pseudo_labels: np.ndarray,
+        batch_codes: np.ndarray | None = None,
+    ):
         # A matrix on disk stays there: each minibatch reads its rows.
         self.on_disk = not is_in_memory(matrix)
         in_memory_sparse = not self.on_disk and sparse.issparse(matrix)
         self.matrix = sparse.csr_matrix(matrix) if in_memory_sparse else matrix
         self.datasets = torch.as_tensor(np.asarray(datasets), dtype=torch.long)
         self.pseudo_labels = torch.as_tensor(np.asarray(pseudo_labels), dtype=torch.long)
+        self.batch_codes = (
+            None
+            if batch_codes is None
+            else torch.as_tensor(np.asarray(batch_codes).reshape(-1, 1), dtype=torch.long)
+        )
 
     def __len__(self) -> int:
         return len(self.datasets)
@@ -147,11 +159,14 @@ class _PseudoLabelledRows(torch.utils.data.Dataset):
             order = np.sort(order)
         rows = self.matrix[order]
         rows = rows.toarray() if sparse.issparse(rows) else np.asarray(rows)
-        return {
+        tensors = {
             REGISTRY_KEYS.X_KEY: torch.as_tensor(rows, dtype=torch.float32),
             DATASET_KEY: self.datasets[order],
             PSEUDO_LABELS_KEY: self.pseudo_labels[order],
         }
+        if self.batch_codes is not None:
+            tensors[REGISTRY_KEYS.BATCH_KEY] = self.batch_codes[order]
+        return tensors
 
 
 class PseudoLabelDataModule(pl.LightningDataModule):
@@ -174,11 +189,23 @@ class PseudoLabelDataModule(pl.LightningDataModule):
         Seed of the order of the cells under a distributed strategy, where every process
         draws the same order and reads its own share of it; one process draws from
         torch's global generator.
+    batch_codes
+        Registered batch code of each cell, yielded as scvi-tools' ``batch`` (batch
+        centring reads it); ``None``: not yielded.
     """
 
-    def __init__(self, matrix, datasets, pseudo_labels, *, batch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        matrix,
+        datasets,
+        pseudo_labels,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        batch_codes: np.ndarray | None = None,
+    ):
         super().__init__()
-        self.rows = _PseudoLabelledRows(matrix, datasets, pseudo_labels)
+        self.rows = _PseudoLabelledRows(matrix, datasets, pseudo_labels, batch_codes)
         self.batch_size = batch_size
         self.seed = seed
         # The attributes scvi-tools' runner reads from a data splitter.

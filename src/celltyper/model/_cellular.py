@@ -29,7 +29,13 @@ from celltyper.train import (
     JointClassifierTrainingPlan,
 )
 
-from .base import BatchCenteringMixin, CellTyperModel, TrainingStage, seeded
+from .base import (
+    BatchCenteringMixin,
+    CellTyperModel,
+    TrainingStage,
+    UnmeasuredGenesMixin,
+    seeded,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +148,7 @@ def _class_sums(x: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
     return np.asarray(indicator @ x, dtype=np.float64)
 
 
-class CELLULAR(BatchCenteringMixin, CellTyperModel):
+class CELLULAR(UnmeasuredGenesMixin, BatchCenteringMixin, CellTyperModel):
     """CELLULAR: a contrastively trained embedding with a classifier on top.
 
     Two stages, both run by :meth:`train`. Stage 1 trains an encoder (genes -> 1000 -> 500
@@ -179,6 +185,11 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         such step; measured on every benchmark task, it lifts Kang control ->
         stimulated from 0.725 to 0.781 balanced accuracy and keeps the others within
         their seed spread (see the docs page).
+    skip_unmeasured_genes
+        Whether the encoder leaves out genes that some batch did not measure (zero in all
+        its cells where the other batches predict 10 or more counts, as with a smaller
+        gene panel filled with zeros; see :attr:`unread_genes`). Their zeros would tell
+        the encoder the batch.
     seed
         Seed of the weight initialisation, of the PCA and the default seed of :meth:`train`.
 
@@ -239,6 +250,7 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         dropout_rate: float = 0.2,
         classifier_hidden: int = 512,
         batch_centering: bool | Literal["auto"] = "auto",
+        skip_unmeasured_genes: bool = True,
         seed: int = 0,
     ):
         super().__init__(adata)
@@ -261,6 +273,7 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
                 normalize_counts=is_counts,
                 mean_total=mean_total,
             )
+        self._init_encoder_genes(skip_unmeasured_genes)
         if batch_centering:
             self._init_batch_centering()
         # A query model is built on unlabelled data; its buffers come from the reference.
@@ -270,6 +283,7 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         self._model_summary_string = (
             f"CELLULAR with encoder {tuple(n_hidden)} -> {n_latent}, classifier 2 x "
             f"{classifier_hidden}, {self.n_labels} cell types, input {self.input_kind_}"
+            + self._unread_genes_summary()
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -304,18 +318,23 @@ class CELLULAR(BatchCenteringMixin, CellTyperModel):
         is_counts = self.input_kind_ == "counts"
         centering = getattr(self.module, "batch_centering", False)
         batch_codes = self._batch_codes()[self._labelled] if centering else None
-        if is_in_memory(matrix):
-            x = dense_float32(log1p_scaled_counts(matrix, mean_total) if is_counts else matrix)
+        read = self._read_genes().astype(np.float32)
+
+        def model_input(block, start: int, stop: int) -> np.ndarray:
+            x = dense_float32(log1p_scaled_counts(block, mean_total) if is_counts else block)
+            x = x * read
             if centering:
-                x = x - self._batch_means()[batch_codes]
-            return centroid_distances(x, codes, self.n_labels, seed)
+                x = x - (self._batch_means() * read)[batch_codes[start:stop]]
+            return x
+
+        if is_in_memory(matrix):
+            return centroid_distances(
+                model_input(matrix, 0, len(codes)), codes, self.n_labels, seed
+            )
 
         def inputs():
             for start, stop, block in iter_row_chunks(matrix, rows=self._labelled, dense=False):
-                x = dense_float32(log1p_scaled_counts(block, mean_total) if is_counts else block)
-                if centering:
-                    x = x - self._batch_means()[batch_codes[start:stop]]
-                yield start, stop, x
+                yield start, stop, model_input(block, start, stop)
 
         return streamed_centroid_distances(
             inputs(), codes, self.n_labels, self.summary_stats.n_vars

@@ -22,9 +22,15 @@ from celltyper.module._scatlasvae import extra_labels_registry_key
 from celltyper.tl import knn_transfer
 from celltyper.train import SCATLASVAETrainingPlan
 
-from .base import CellTyperModel, FieldFactory, Registration, TrainingStage, seeded
+from .base import (
+    CellTyperModel,
+    FieldFactory,
+    Registration,
+    TrainingStage,
+    UnmeasuredGenesMixin,
+    seeded,
+)
 from .base._annotation import _obs_names
-from .base._centering import unmeasured_genes
 from .base._data import _batch_column, _labels_column
 
 #: Most epochs by default: scvi's 400 cost CellBench 0.14 balanced accuracy, diverged on the demo.
@@ -60,7 +66,7 @@ def _normalise_setup(setup: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class SCATLASVAE(CellTyperModel):
+class SCATLASVAE(UnmeasuredGenesMixin, CellTyperModel):
     """scAtlasVAE: a batch-invariant encoder, a batch-conditioned decoder and label heads.
 
     A VAE on raw counts whose encoder never reads the batch and whose decoder reads a
@@ -166,34 +172,14 @@ class SCATLASVAE(CellTyperModel):
         for k in range(len(self.labels_keys)):
             codes = self.get_from_registry(self.adata, extra_labels_registry_key(k))
             self.module.set_class_weights(k, torch.as_tensor(np.asarray(codes)))
-        if not isinstance(skip_unmeasured_genes, bool | np.bool_):
-            raise TypeError(
-                f"skip_unmeasured_genes must be True or False, got {skip_unmeasured_genes!r}."
-            )
-        if skip_unmeasured_genes:
-            self._skip_unmeasured_genes()
+        self._init_encoder_genes(skip_unmeasured_genes)
         heads = dict(zip(self.labels_keys, n_labels_per_key, strict=True))
-        n_unread = len(self.unread_genes)
         self._model_summary_string = (
             f"SCATLASVAE: {n_layers} x {n_hidden} hidden, {n_latent}-d latent, {likelihood} "
             f"likelihood, batch keys {batch_keys} ({covariate_representation}), label heads "
-            f"(types): {heads or 'none'}"
-            + (f", encoder skips {n_unread} genes unmeasured in a batch" if n_unread else "")
+            f"(types): {heads or 'none'}" + self._unread_genes_summary()
         )
         self.init_params_ = self._get_init_params(locals())
-
-    def _skip_unmeasured_genes(self) -> None:
-        """Mask out of the encoder the genes some registered batch did not measure."""
-        counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        missing = unmeasured_genes(counts, self._batch_codes(), self.n_batches)
-        self.module.set_encoder_genes(torch.as_tensor(~missing.any(axis=0)))
-
-    @property
-    def unread_genes(self) -> list[str]:
-        """Genes the encoder leaves out (``skip_unmeasured_genes``): unmeasured in some
-        batch of the data the model was built on."""
-        read = self.module.encoder_genes.detach().cpu().numpy() > 0
-        return [str(g) for g in self.registration.genes[~read]]
 
     # -- training ---------------------------------------------------------------------------
     @functools.wraps(CellTyperModel.train)

@@ -12,7 +12,13 @@ from celltyper.data import LabelledUnlabelledSplitter
 from celltyper.module import SCNYMModule
 from celltyper.train import MixMatchTrainingPlan
 
-from .base import BatchCenteringMixin, CellTyperModel, TrainingStage, seeded
+from .base import (
+    BatchCenteringMixin,
+    CellTyperModel,
+    TrainingStage,
+    UnmeasuredGenesMixin,
+    seeded,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +33,7 @@ SCNYM_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-class SCNYM(BatchCenteringMixin, CellTyperModel):
+class SCNYM(UnmeasuredGenesMixin, BatchCenteringMixin, CellTyperModel):
     """scNym: MixMatch semi-supervised learning with a domain adversary.
 
     A classifier (genes -> 256 -> 256 -> cell types) trained on labelled reference cells
@@ -56,6 +62,11 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
         batches (measured in the SCNYM page of the docs: with the other defaults it lifts
         the whole Kang object from 0.70 to 0.745 balanced accuracy). It also removes
         differences in cell-type composition between batches; ``False`` turns it off.
+    skip_unmeasured_genes
+        Whether the encoder leaves out genes that some batch did not measure (zero in all
+        its cells where the other batches predict 10 or more counts, as with a smaller
+        gene panel filled with zeros; see :attr:`unread_genes`). Their zeros would tell
+        the encoder the batch.
     seed
         Seed of the weight initialisation (and the default seed of :meth:`train`).
 
@@ -107,6 +118,7 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
         n_layers: int = 2,
         dropout_rate: float = 0.1,
         batch_centering: bool | Literal["auto"] = "auto",
+        skip_unmeasured_genes: bool = True,
         seed: int = 0,
     ):
         super().__init__(adata)
@@ -125,6 +137,7 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
                 normalize_counts=self.input_kind_ == "counts",
                 domain_from_batch=self._domain_from_batch,
             )
+        self._init_encoder_genes(skip_unmeasured_genes)
         if batch_centering:
             self._init_batch_centering()
         if self.input_kind_ == "counts":
@@ -133,6 +146,7 @@ class SCNYM(BatchCenteringMixin, CellTyperModel):
         self._model_summary_string = (
             f"SCNYM with {n_layers} hidden layers of {n_hidden}, {self.n_labels} cell types, "
             f"{n_domains} domains ({domains}), input {self.input_kind_}"
+            + self._unread_genes_summary()
         )
         self.init_params_ = self._get_init_params(locals())
 

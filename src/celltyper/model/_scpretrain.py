@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ from celltyper.metrics import evaluation_scores
 from celltyper.module import PseudoLabelHeads, SCPRETRAINModule
 from celltyper.train import FineTuningTrainingPlan, PseudoLabelTrainingPlan
 
-from .base import CellTyperModel, TrainingStage, seeded
+from .base import BatchCenteringMixin, CellTyperModel, TrainingStage, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _MONITORS = {
 _FIT_RECORD = ("history_", "is_trained_", "train_indices", "validation_indices", "test_indices")
 
 
-class SCPRETRAIN(CellTyperModel):
+class SCPRETRAIN(BatchCenteringMixin, CellTyperModel):
     """scPretrain: an encoder pretrained to predict K-means pseudo-labels, then fine-tuned.
 
     Pretraining learns a representation from unlabelled cells. Phase 1 clusters each
@@ -67,6 +67,16 @@ class SCPRETRAIN(CellTyperModel):
         one-layer encoder, e.g. ``(1000,)`` a deeper one.
     classifier_hidden
         Width of the classifier's hidden layer.
+    batch_centering
+        Centre each cell's log-expression on the mean of its batch (every registered cell
+        of the batch, labelled or not) before the encoder, in pretraining, fine-tuning
+        and prediction. The K-means of each dataset (batch) is unchanged by it, but the
+        shared encoder no longer sees the shift a whole batch shares; ``True`` needs
+        ``batch_key`` with 2 or more batches, ``"auto"`` centres when there are. Off by
+        default, as in the published method: centring lowered Baron human -> mouse
+        from 0.81 to 0.70 balanced accuracy (see the docs page for the measurement).
+        A query's new batches are centred on their own means in
+        :meth:`load_query_data`.
     seed
         Seed of the weight initialisation and the default seed of :meth:`train` and
         :meth:`pretrain` (K-means, heads, minibatches, split).
@@ -145,10 +155,12 @@ class SCPRETRAIN(CellTyperModel):
         n_latent: int = 200,
         n_hidden: Sequence[int] = (),
         classifier_hidden: int = 100,
+        batch_centering: bool | Literal["auto"] = False,
         seed: int = 0,
     ):
         super().__init__(adata)
-        self._init_data_checks()
+        batch_centering = self._resolved_batch_centering(batch_centering)
+        self._init_data_checks(batch_centering)
         with seeded(seed):
             self.module = self._module_cls(
                 n_input=self.summary_stats.n_vars,
@@ -158,6 +170,8 @@ class SCPRETRAIN(CellTyperModel):
                 classifier_hidden=classifier_hidden,
                 normalize_counts=self.input_kind_ == "counts",
             )
+        if batch_centering:
+            self._init_batch_centering()
         self.is_pretrained_ = False
         self.pseudo_labels_: dict[int, np.ndarray] | None = None
         self.pretrain_history_: dict | None = None
@@ -285,9 +299,12 @@ class SCPRETRAIN(CellTyperModel):
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         datasets, names = self._datasets()
         if phase == 1:
-            # Expression, log-normalised block by block from the registered matrix.
+            # Expression, log-normalised block by block from the registered matrix; each
+            # dataset is one batch, so batch centring would not move its K-means.
             features = matrix
-            transform = lambda x: self.module.log_expression({REGISTRY_KEYS.X_KEY: x})  # noqa: E731
+            transform = lambda x: self.module.log_expression(  # noqa: E731
+                {REGISTRY_KEYS.X_KEY: x}, centre=False
+            )
         else:  # the representation the previous phase learnt
             batch = settings["kmeans_kwargs"]["batch_size"]
             features = self._collect(self.adata, None, batch, {"z": self.module.embed})["z"]
@@ -309,7 +326,12 @@ class SCPRETRAIN(CellTyperModel):
         with seeded(int(np.random.SeedSequence([seed, phase]).generate_state(1)[0])):
             self._pretrain_heads = PseudoLabelHeads(self.module.n_latent, sizes)
         return PseudoLabelDataModule(
-            matrix, datasets, labels, batch_size=settings["batch_size"], seed=seed
+            matrix,
+            datasets,
+            labels,
+            batch_size=settings["batch_size"],
+            seed=seed,
+            batch_codes=self._batch_codes(),
         )
 
     def _stage_plan_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Torch modules (scvi-tools ``BaseModuleClass`` subclasses), one per method."""
 
-from ._base import CellTyperModule, ClassifierModule, LogExpressionClassifier
+from ._base import CellTyperModule, ClassifierModule, EncoderGeneMask, LogExpressionClassifier
 from ._cellular import CELLULARModule
 from ._rankformer import CONTEXT_KEY, TOKENS_KEY, RANKFORMERModule
 from ._scatlasvae import SCATLASVAEModule
@@ -13,6 +13,7 @@ __all__ = [
     "CELLULARModule",
     "CellTyperModule",
     "ClassifierModule",
+    "EncoderGeneMask",
     "LogExpressionClassifier",
     "PseudoLabelHeads",
     "RANKFORMERModule",

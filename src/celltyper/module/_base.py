@@ -82,6 +82,39 @@ def sparse_product(x, weight: Tensor) -> Tensor:
     return torch.sparse.mm(SparseRows(x).tensor(weight.device), weight.T)
 
 
+class EncoderGeneMask(nn.Module):
+    """A per-gene 0/1 buffer ``encoder_genes`` saying which genes the encoder reads.
+
+    Genes some batch did not measure (a smaller panel filled with zeros) would tell a
+    batch-invariant encoder the batch; the model sets them to 0 with
+    :meth:`set_encoder_genes`. Files saved before the buffer existed read every gene.
+    """
+
+    n_input: int
+
+    def register_encoder_genes(self, n_input: int) -> None:
+        """Register ``encoder_genes``, every gene read."""
+        self.register_buffer("encoder_genes", torch.ones(n_input))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(f"{prefix}encoder_genes", torch.ones(self.n_input))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_encoder_genes(self, read: Tensor) -> None:
+        """Let the encoder read only the genes where ``read`` (one boolean per gene) is
+        true; the others enter it as zeros."""
+        read = torch.as_tensor(read).reshape(-1)
+        if read.numel() != self.n_input:
+            raise ValueError(
+                f"read needs one entry per gene ({self.n_input}), got {read.numel()}."
+            )
+        self.encoder_genes.copy_(read.to(self.encoder_genes))
+
+    def reads_every_gene(self) -> bool:
+        """Whether no gene is masked out of the encoder."""
+        return bool(self.encoder_genes.all())
+
+
 class CellTyperModule(BaseModuleClass):
     """Base class of every celltyper module.
 
@@ -206,12 +239,13 @@ class ClassifierModule(CellTyperModule):
         )
 
 
-class LogExpressionClassifier(ClassifierModule):
+class LogExpressionClassifier(EncoderGeneMask, ClassifierModule):
     """A classifier on log-normalised expression: ``encoder`` -> embedding -> ``classifier``.
 
     Subclasses build ``self.encoder`` and ``self.classifier`` (torch modules), set
     ``self.normalize_counts`` and implement :meth:`target_sum`. Raw counts are normalised
-    here, minibatch by minibatch, to ``log1p(x / total * target_sum)``.
+    here, minibatch by minibatch, to ``log1p(x / total * target_sum)``. Genes outside
+    ``encoder_genes`` (:class:`EncoderGeneMask`) enter the encoder as 0.
     """
 
     normalize_counts: bool
@@ -226,6 +260,7 @@ class LogExpressionClassifier(ClassifierModule):
         self.n_input = n_input
         self.n_labels = n_labels
         self.normalize_counts = normalize_counts
+        self.register_encoder_genes(n_input)
 
     def target_sum(self) -> float:
         """Total each cell is scaled to before ``log1p``."""
@@ -243,28 +278,43 @@ class LogExpressionClassifier(ClassifierModule):
         self.batch_centering = True
         self.register_buffer("batch_means", torch.zeros(n_batch, n_input))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A file saved before its model could centre batches holds no means: it never
+        # centred, and keeps predicting as it did.
+        if self.batch_centering and f"{prefix}batch_means" not in state_dict:
+            del self.batch_means
+            self.batch_centering = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_batch_means(self, means: Tensor) -> None:
         """Set the per-batch mean log-expression (``n_batch`` x ``n_input``)."""
         self.batch_means.copy_(torch.as_tensor(means, dtype=torch.float32))
 
     def log_expression(self, tensors: dict[str, Tensor], centre: bool = True) -> Tensor:
         """The model's input: log-normalised counts, or the registered values as they are,
-        centred on their batch's mean when batch centring is on (and ``centre``).
+        centred on their batch's mean when batch centring is on (and ``centre``); genes
+        outside ``encoder_genes`` are 0.
 
         ``centre=False`` gives the log-expression before centring, for augmentations that
         need non-negative log1p values; :meth:`centre_batches` then finishes the input.
         """
         x = self.expression(tensors)
         x = log1p_normalize(x, self.target_sum()) if self.normalize_counts else x
+        x = x * self.encoder_genes
         if centre and self.batch_centering:
             x = self.centre_batches(x, tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1))
         return x
 
     def centre_batches(self, x_log: Tensor, batch_codes: Tensor) -> Tensor:
-        """``x_log`` minus the mean of each cell's batch (unchanged without centring)."""
+        """``x_log`` minus the mean of each cell's batch (unchanged without centring);
+        genes outside ``encoder_genes`` stay 0."""
         if not self.batch_centering:
             return x_log
-        return x_log - self.batch_means[batch_codes]
+        return x_log - self.read_batch_means()[batch_codes]
+
+    def read_batch_means(self) -> Tensor:
+        """``batch_means`` with the genes outside ``encoder_genes`` at 0."""
+        return self.batch_means * self.encoder_genes
 
     def embed_log_expression(self, x_log: Tensor) -> Tensor:
         """Embedding of log-normalised profiles."""
@@ -311,11 +361,14 @@ class LogExpressionClassifier(ClassifierModule):
             weight = weight * norm.weight
         rows = tensors[REGISTRY_KEYS.X_KEY].matrix
         x = sparse_log_values(rows, self.target_sum(), self.normalize_counts)
+        if not self.reads_every_gene():
+            read = self.encoder_genes.detach().cpu().numpy().astype(np.float32)
+            x = sparse.csr_matrix(x.multiply(read[None, :]))
         hidden = sparse_product(x, weight)
         codes = None
         if self.batch_centering:
             codes = tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1).to(weight.device)
-            hidden = hidden - (self.batch_means @ weight.T)[codes]
+            hidden = hidden - (self.read_batch_means() @ weight.T)[codes]
         if norm is not None:
             mean, scale = self._gene_moments(x, codes, norm.eps, hidden.device)
             hidden = (hidden - mean.unsqueeze(1) * weight.sum(dim=1)) * scale.unsqueeze(1)
@@ -335,7 +388,7 @@ class LogExpressionClassifier(ClassifierModule):
         total = torch.from_numpy(np.asarray(x.sum(axis=1)).reshape(-1))
         squares = torch.from_numpy(np.asarray(x.multiply(x).sum(axis=1)).reshape(-1))
         if codes is not None:
-            means = self.batch_means.detach().double().cpu()
+            means = self.read_batch_means().detach().double().cpu()
             cross = torch.from_numpy(np.asarray(x @ means.numpy().T))
             rows = torch.arange(len(cross))
             codes = codes.cpu()

@@ -18,6 +18,7 @@ from celltyper.nn import CovariateDecoder, group_mmd, log1p_normalize
 
 from ._base import (
     CellTyperModule,
+    EncoderGeneMask,
     SparseRows,
     fc_layers_first_linear,
     sparse_log_values,
@@ -32,7 +33,7 @@ def extra_labels_registry_key(index: int) -> str:
     return REGISTRY_KEYS.LABELS_KEY if index == 0 else f"{REGISTRY_KEYS.LABELS_KEY}_{index}"
 
 
-class SCATLASVAEModule(CellTyperModule):
+class SCATLASVAEModule(EncoderGeneMask, CellTyperModule):
     """VAE of scAtlasVAE (Xue et al. 2024) with one linear cell-type head per label key.
 
     The encoder reads ``log1p(x)`` (optionally ``log1p`` of counts scaled to
@@ -140,14 +141,8 @@ class SCATLASVAEModule(CellTyperModule):
         self.register_buffer(
             "n_reference_categories", torch.tensor([int(n) for n in n_categories])
         )
-        # 1 for the genes the encoder reads, 0 for genes some batch did not measure: their
-        # zero-filled values would tell the batch-invariant encoder the batch.
-        self.register_buffer("encoder_genes", torch.ones(n_input))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Files saved before the gene mask existed read every gene.
-        state_dict.setdefault(f"{prefix}encoder_genes", torch.ones(self.n_input))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The decoder still reconstructs the genes the encoder leaves out.
+        self.register_encoder_genes(n_input)
 
     # -- inputs -------------------------------------------------------------------------
     @property
@@ -168,16 +163,6 @@ class SCATLASVAEModule(CellTyperModule):
         counts = torch.bincount(codes[codes < n_types], minlength=n_types).double()
         weights = torch.where(counts > 0, counts.sum() / counts, torch.zeros_like(counts))
         self.class_weights(k).copy_(weights.float())
-
-    def set_encoder_genes(self, read: Tensor) -> None:
-        """Let the encoder read only the genes where ``read`` (one boolean per gene) is
-        true; the others enter it as zeros (the decoder still reconstructs them)."""
-        read = torch.as_tensor(read).reshape(-1)
-        if read.numel() != self.n_input:
-            raise ValueError(
-                f"read needs one entry per gene ({self.n_input}), got {read.numel()}."
-            )
-        self.encoder_genes.copy_(read.to(self.encoder_genes))
 
     def encoder_input(self, x: Tensor) -> Tensor:
         """``log1p`` of the counts, after scaling to ``target_sum`` when set; genes outside

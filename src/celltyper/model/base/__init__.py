@@ -10,7 +10,7 @@ from celltyper._utils import (
 )
 
 from ._annotation import AnnotationMixin
-from ._centering import BatchCenteringMixin
+from ._centering import BatchCenteringMixin, UnmeasuredGenesMixin
 from ._data import Registration, build_model_data
 from ._fields import FieldFactory
 from ._model import CellTyperModel
@@ -30,6 +30,7 @@ __all__ = [
     "Registration",
     "TrainingMixin",
     "TrainingStage",
+    "UnmeasuredGenesMixin",
     "align_genes",
     "build_model_data",
     "check_labels",

@@ -75,6 +75,42 @@ def unmeasured_genes(
     return missing
 
 
+class UnmeasuredGenesMixin:
+    """``skip_unmeasured_genes`` for models whose module is a
+    :class:`~celltyper.module.EncoderGeneMask`: the encoder leaves out the genes some
+    registered batch did not measure (:func:`unmeasured_genes`).
+
+    The model calls :meth:`_init_encoder_genes` once its module is built, before
+    anything computed from the encoder's input (batch means are masked where used).
+    Query surgery keeps the reference's mask: it is a buffer of the module.
+    """
+
+    def _init_encoder_genes(self, skip_unmeasured_genes: bool) -> None:
+        if not isinstance(skip_unmeasured_genes, bool | np.bool_):
+            raise TypeError(
+                f"skip_unmeasured_genes must be True or False, got {skip_unmeasured_genes!r}."
+            )
+        if skip_unmeasured_genes:
+            counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+            missing = unmeasured_genes(counts, self._batch_codes(), self.n_batches)
+            self.module.set_encoder_genes(torch.as_tensor(~missing.any(axis=0)))
+
+    def _read_genes(self) -> np.ndarray:
+        """One boolean per registered gene: whether the encoder reads it."""
+        return self.module.encoder_genes.detach().cpu().numpy() > 0
+
+    @property
+    def unread_genes(self) -> list[str]:
+        """Genes the encoder leaves out (``skip_unmeasured_genes``): unmeasured in some
+        batch of the data the model was built on."""
+        return [str(g) for g in self.registration.genes[~self._read_genes()]]
+
+    def _unread_genes_summary(self) -> str:
+        """The model summary's note on the genes left out (empty when none is)."""
+        n_unread = int((~self._read_genes()).sum())
+        return f", encoder skips {n_unread} genes unmeasured in a batch" if n_unread else ""
+
+
 class BatchCenteringMixin:
     """``batch_centering`` for models whose module is a
     :class:`~celltyper.module.LogExpressionClassifier`.
