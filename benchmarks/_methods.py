@@ -43,11 +43,8 @@ RECIPES: dict[str, dict[str, dict]] = {
     # 256 rank tokens per cell cost ~25 CPU s per epoch on 400 cells: --quick checks the
     # wiring, so it uses 64 tokens.
     "RANKFORMER": {"train": {"max_epochs": 6}, "init_quick": {"n_tokens": 64}},
-    # The self-supervised pretraining stages have their own epochs.
-    "SCPRETRAIN": {
-        "train": {"pretrain_epochs": 10},
-        "train_quick": {"pretrain_epochs": 2, "n_phases": 1},
-    },
+    # The self-supervised pretraining stages have their own epochs (default 10).
+    "SCPRETRAIN": {"train_quick": {"pretrain_epochs": 2, "n_phases": 1}},
 }
 
 #: scVI / scANVI settings (those of ``benchmarks/scnym_kang.py``).

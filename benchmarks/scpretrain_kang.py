@@ -77,7 +77,8 @@ def run_seed(task, seed: int, quick: bool, pca: np.ndarray) -> tuple[list[dict],
     adata = task.adata.copy()
     adata.obs["train_label"] = np.where(given, truth, UNLABELLED)
     fine_tune = {"max_epochs": 3 if quick else 200, **QUIET}
-    pretrain = {"max_epochs": 2} if quick else {}
+    # 30 epochs per phase: the default when docs/models/scpretrain.md's table was run.
+    pretrain = {"max_epochs": 2 if quick else 30}
     rows = []
 
     def record(method, probabilities, classes, seconds, extra=None):
