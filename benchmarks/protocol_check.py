@@ -8,11 +8,14 @@ without the full harness::
         --seeds 0 1 2 --train '{"unlabelled_ratio": 1.0}'
     python -m benchmarks.protocol_check --spec baron_human_to_mouse --model CELLULAR \\
         --seeds 0 1 2 --init '{"batch_centering": true}'
+    python -m benchmarks.protocol_check --spec kang_whole_object --model CELLULAR \\
+        --hvg-flavor seurat  # genes chosen on log1p(CP10k), scanpy's default flavour
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from ._quiet import quiet_run
 from ._runner import _transfer_novelty
-from ._specs import builtin_specs, prepare, subsample_unlabelled_query
+from ._specs import HVG_FLAVORS, builtin_specs, prepare, subsample_unlabelled_query
 from ._tasks import DEFAULT_DATA_DIR, UNLABELLED
 
 
@@ -31,13 +34,16 @@ def check(
     train: dict,
     init: dict | None = None,
     data_dir=DEFAULT_DATA_DIR,
+    hvg_flavor: str | None = None,
 ):
     """Construct ``model_name`` with ``init``, train it on the spec's data with ``train``
-    and score the query."""
+    and score the query; ``hvg_flavor`` replaces the spec's gene selection."""
     import celltyper.model
     from celltyper.metrics import classification_scores, expected_calibration_error
 
     spec = builtin_specs()[spec_name]
+    if hvg_flavor is not None:
+        spec = dataclasses.replace(spec, hvg_flavor=hvg_flavor)
     adata = prepare(spec, data_dir, seed=seed)
     limit = spec.task_options("transfer").get("max_unlabelled_query")
     if limit is not None:
@@ -66,6 +72,7 @@ def check(
         "seed": seed,
         "train": train,
         "init": init or {},
+        "hvg_flavor": spec.hvg_flavor,
         "balanced_accuracy": round(float(scores["balanced_accuracy"]), 4),
         "accuracy": round(float(scores["accuracy"]), 4),
         "ece": round(float(ece), 4),
@@ -84,11 +91,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train", type=json.loads, default={}, help="train() keywords, JSON")
     parser.add_argument("--init", type=json.loads, default={}, help="constructor keywords, JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--hvg-flavor", choices=HVG_FLAVORS, default=None, help="default: the spec's"
+    )
     args = parser.parse_args(argv)
     quiet_run(args.threads)
     rows = []
     for seed in args.seeds:
-        rows.append(check(args.spec, args.model, seed, args.train, args.init))
+        rows.append(
+            check(args.spec, args.model, seed, args.train, args.init, hvg_flavor=args.hvg_flavor)
+        )
         print(json.dumps(rows[-1]), flush=True)
     values = [row["balanced_accuracy"] for row in rows]
     print(f"balanced accuracy {np.mean(values):.3f} ± {np.std(values):.3f} over {len(rows)} seeds")
