@@ -32,9 +32,10 @@ from ._inference import (
     split_minibatches,
 )
 from ._output import annotation_writer
+from ._zero_filled import ZeroFilledGenesMixin
 
 
-class AnnotationMixin(ConfidenceMixin):
+class AnnotationMixin(ZeroFilledGenesMixin, ConfidenceMixin):
     """``predict``, ``annotate``, novelty, latent space and cell-type representations.
 
     Requires the host model's module to implement the
@@ -109,6 +110,7 @@ class AnnotationMixin(ConfidenceMixin):
         if chunked:
             source = model_data_source(adata, self.registry_, **common)
             if source is not None:
+                self._warn_zero_filled_genes(adata, what, gene_column)
                 yield source
                 return
         internal = build_model_data(
@@ -118,6 +120,7 @@ class AnnotationMixin(ConfidenceMixin):
             **common,
         )
         self._validate_anndata(internal)
+        self._warn_zero_filled_genes(adata, what, gene_column)
         try:
             if chunked:
                 yield RowSource.from_manager(self.get_anndata_manager(internal))

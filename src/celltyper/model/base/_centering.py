@@ -47,6 +47,27 @@ def batch_log_means(
 MIN_EXPECTED_COUNTS = 10.0
 
 
+def batch_gene_sums(matrix, batch_codes: np.ndarray, n_batch: int) -> np.ndarray:
+    """Per-gene totals of each batch's values, ``(n_batch, n_genes)`` (read in blocks of
+    rows, as by :func:`batch_log_means`)."""
+    cells = np.bincount(batch_codes, minlength=n_batch)
+    sums = batch_log_means(matrix, batch_codes, n_batch, None).astype(np.float64)
+    return sums * cells[:, None]
+
+
+def zero_against_expected(
+    sums: np.ndarray, expected_profile: np.ndarray, min_expected: float = MIN_EXPECTED_COUNTS
+) -> np.ndarray:
+    """Genes with no count in ``sums`` (one group of cells' per-gene totals) although
+    ``expected_profile``'s share of each gene, times the group's total, expects
+    ``min_expected`` or more; all false when either total is 0."""
+    profile_total, group_total = float(expected_profile.sum()), float(sums.sum())
+    if profile_total <= 0 or group_total <= 0:
+        return np.zeros(sums.shape, dtype=bool)
+    expected = expected_profile / profile_total * group_total
+    return (sums == 0) & (expected >= min_expected)
+
+
 def unmeasured_genes(
     counts, batch_codes: np.ndarray, n_batch: int, min_expected: float = MIN_EXPECTED_COUNTS
 ) -> np.ndarray:
@@ -55,23 +76,17 @@ def unmeasured_genes(
 
     A gene is unmeasured in batch ``b`` when it has no count in ``b`` although its share
     of the other batches' counts, times ``b``'s total count, expects ``min_expected`` or
-    more; a gene merely too rare to be seen in a small batch counts as measured. With a
-    single batch nothing is unmeasured. ``counts`` is read in blocks of rows, as by
-    :func:`batch_log_means`.
+    more (:func:`zero_against_expected`); a gene merely too rare to be seen in a small
+    batch counts as measured. With a single batch nothing is unmeasured. ``counts`` is
+    read in blocks of rows, as by :func:`batch_log_means`.
     """
-    cells = np.bincount(batch_codes, minlength=n_batch)
-    sums = batch_log_means(counts, batch_codes, n_batch, None).astype(np.float64)
-    sums *= cells[:, None]
+    sums = batch_gene_sums(counts, batch_codes, n_batch)
     missing = np.zeros(sums.shape, dtype=bool)
     if n_batch < 2:
         return missing
     total = sums.sum(axis=0)
     for b in range(n_batch):
-        others = total - sums[b]
-        if cells[b] == 0 or others.sum() <= 0:
-            continue
-        expected = others / others.sum() * sums[b].sum()
-        missing[b] = (sums[b] == 0) & (expected >= min_expected)
+        missing[b] = zero_against_expected(sums[b], total - sums[b], min_expected)
     return missing
 
 
@@ -104,6 +119,12 @@ class UnmeasuredGenesMixin:
         """Genes the encoder leaves out (``skip_unmeasured_genes``): unmeasured in some
         batch of the data the model was built on."""
         return [str(g) for g in self.registration.genes[~self._read_genes()]]
+
+    _zero_filled_advice = (
+        "Train one model on the reference and these data together, each dataset with "
+        "its own batch (as `celltyper annotate` does): skip_unmeasured_genes then leaves "
+        "such genes out."
+    )
 
     def _unread_genes_summary(self) -> str:
         """The model summary's note on the genes left out (empty when none is)."""

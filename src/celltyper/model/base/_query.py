@@ -15,6 +15,14 @@ from ._confidence import CALIBRATION_ATTRIBUTES
 from ._data import Registration, build_model_data
 from ._persistence import safe_load_saved_files, safe_scvi_loading
 
+#: What a query model takes over from its reference: the calibration, and the gene totals
+#: new data are checked against (``ZeroFilledGenesMixin``).
+_REFERENCE_ATTRIBUTES = (
+    *CALIBRATION_ATTRIBUTES,
+    "reference_gene_sums_",
+    "reference_gene_detection_",
+)
+
 
 class QueryMixin(ArchesMixin):
     """``load_query_data``: gene alignment, then surgery through scvi-tools' ArchesMixin."""
@@ -72,13 +80,13 @@ class QueryMixin(ArchesMixin):
                 str(reference), load_adata=False, map_location="cpu"
             )
             registry, input_kind = attr_dict["registry_"], attr_dict["input_kind_"]
-            calibration = {k: attr_dict[k] for k in CALIBRATION_ATTRIBUTES if k in attr_dict}
+            calibration = {k: attr_dict[k] for k in _REFERENCE_ATTRIBUTES if k in attr_dict}
             reference = str(reference)
         elif isinstance(reference, cls):
             if not reference.is_trained_:
                 raise ValueError("The reference model is not trained; call train() first.")
             registry, input_kind = reference.registry_, reference.input_kind_
-            calibration = {k: getattr(reference, k) for k in CALIBRATION_ATTRIBUTES}
+            calibration = {k: getattr(reference, k) for k in _REFERENCE_ATTRIBUTES}
         else:
             raise TypeError(
                 f"reference must be a {cls.__name__} or the path of a saved one, got "
@@ -112,6 +120,7 @@ class QueryMixin(ArchesMixin):
         model.is_trained_ = True
         model.min_gene_overlap_ = min_gene_overlap
         model.is_query_model_ = True
+        model._warn_zero_filled_genes(query, "query", gene_column)
         return model
 
     def _after_query_surgery(self, n_reference_batches: int) -> None:

@@ -430,6 +430,8 @@ class TrainingMixin:
                 trainer_kwargs=stage_trainer_kwargs,
             )
         # A query fine-tuned without labelled cells keeps the reference's threshold.
+        if self.is_trained_ and not self._is_query_model:
+            self._record_reference_genes()
         if self.is_trained_ and self.n_labels and self._n_labelled_cells() > 0:
             self.calibrate_confidence()
             self.calibrate_novelty()
