@@ -13,6 +13,7 @@ from conftest import assert_unchanged, make_counts_adata, snapshot, tiny_kwargs,
 
 import celltyper.model
 from celltyper.model.base import UnmeasuredGenesMixin
+from celltyper.model.base import _zero_filled as zero_filled
 from celltyper.model.base._centering import zero_against_expected
 from celltyper.model.base._zero_filled import gene_detection_rate
 
@@ -171,3 +172,15 @@ def test_genes_the_encoder_already_skips_are_not_reported(name):
         model.predict(_zero_filled(adata, batch="b1"))
     assert _messages(record) == []
     assert "skip_unmeasured_genes then leaves" in model._zero_filled_advice
+
+
+def test_large_data_are_checked_on_a_sample_of_cells(trained, reference_data, monkeypatch):
+    monkeypatch.setattr(zero_filled, "ZERO_FILLED_SAMPLE_ROWS", 30)
+    matrix, rows = zero_filled._checked_rows(reference_data.X, reference_data.n_obs)
+    assert len(rows) == 30 and rows[0] == 0 and rows[-1] == reference_data.n_obs - 1
+    np.testing.assert_array_equal(matrix.toarray(), reference_data.X[rows].toarray())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trained.predict(_zero_filled(reference_data))
+    (message,) = _messages(record)
+    assert "'b1' (obs['batch'])" in message

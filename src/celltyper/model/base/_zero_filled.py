@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,9 @@ from celltyper._utils._matrix import read_row_range
 from ._centering import MIN_EXPECTED_COUNTS, batch_gene_sums, zero_against_expected
 from ._data import split_modality
 
-#: Rows of data on disk read for the check (all rows of data in memory are read).
+#: Cells the check reads: the first ones of data on disk (one contiguous read), evenly
+#: spaced ones of data in memory. A zero-filled gene has no count in any of them, and
+#: this many cells of a batch expect many counts of a panel's genes.
 ZERO_FILLED_SAMPLE_ROWS = 20_000
 #: Share of the reference's cells with a count that a gene needs to be checked: genes
 #: switched off by a condition (e.g. interferon-induced ones in Kang's control cells) are
@@ -92,12 +94,10 @@ class ZeroFilledGenesMixin:
             positions, _ = gene_positions(genes, registration.genes, 0.0, what, rna.var)
         if positions is None:
             positions = np.arange(len(registration.genes))
-        n_read = rna.n_obs if is_in_memory(matrix) else min(rna.n_obs, ZERO_FILLED_SAMPLE_ROWS)
-        if n_read == 0:
+        matrix, rows = _checked_rows(matrix, rna.n_obs)
+        if len(rows) == 0:
             return
-        if n_read < rna.n_obs:
-            matrix = read_row_range(matrix, 0, n_read)
-        codes, names = _batch_groups(obs, registration.batch_key, n_read)
+        codes, names = _batch_groups(obs, registration.batch_key, rows)
         sums = batch_gene_sums(matrix, codes, len(names))
         checked = (positions >= 0) & self._read_genes() & (detection >= MIN_REFERENCE_DETECTION)
         flagged = {}
@@ -140,10 +140,23 @@ def gene_detection_rate(matrix) -> np.ndarray:
     return (detected / max(n_rows(matrix), 1)).astype(np.float32)
 
 
-def _batch_groups(obs: pd.DataFrame, batch_key: str | None, n: int) -> tuple[np.ndarray, list]:
-    """Group codes of the first ``n`` cells by ``obs[batch_key]``, and the group names
+def _checked_rows(matrix, n_obs: int) -> tuple[Any, np.ndarray]:
+    """The rows the check reads (see :data:`ZERO_FILLED_SAMPLE_ROWS`) and their positions."""
+    n = min(n_obs, ZERO_FILLED_SAMPLE_ROWS)
+    if n == n_obs:
+        return matrix, np.arange(n_obs)
+    if not is_in_memory(matrix):
+        return read_row_range(matrix, 0, n), np.arange(n)
+    rows = np.unique(np.linspace(0, n_obs - 1, n).astype(np.int64))
+    return matrix[rows], rows
+
+
+def _batch_groups(
+    obs: pd.DataFrame, batch_key: str | None, rows: np.ndarray
+) -> tuple[np.ndarray, list]:
+    """Group codes of the cells at ``rows`` by ``obs[batch_key]``, and the group names
     (``[None]``: one group of every cell, when the data have no such column)."""
     if batch_key is None or batch_key not in obs.columns:
-        return np.zeros(n, dtype=np.int64), [None]
-    codes, names = pd.factorize(obs[batch_key].astype(str).to_numpy()[:n])
+        return np.zeros(len(rows), dtype=np.int64), [None]
+    codes, names = pd.factorize(obs[batch_key].astype(str).to_numpy()[rows])
     return codes.astype(np.int64), list(names)
