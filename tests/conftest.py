@@ -121,6 +121,16 @@ def make_counts_adata(
     return ad.AnnData(X=X, obs=obs, var=var)
 
 
+def zero_filled(adata: ad.AnnData, batch: str, genes: slice) -> ad.AnnData:
+    """A copy of ``adata`` with ``genes`` set to 0 in every cell of ``obs["batch"] == batch``
+    (a smaller gene panel filled with zeros), ``X`` of the same type."""
+    out = adata.copy()
+    x = out.X.toarray()
+    x[(out.obs["batch"] == batch).to_numpy(), genes] = 0
+    out.X = type(adata.X)(x)
+    return out
+
+
 def log_normalize(adata: ad.AnnData, target_sum: float = 1e6) -> ad.AnnData:
     """A copy with ``X = log1p(counts per million)`` (dense float32)."""
     out = adata.copy()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_counts_adata, tiny_kwargs, train_kwargs
+from conftest import make_counts_adata, tiny_kwargs, train_kwargs, zero_filled
 from scvi import REGISTRY_KEYS
 
 import celltyper.model
@@ -37,11 +37,7 @@ def test_unmeasured_genes_need_zero_counts_where_the_other_batches_expect_ten():
 
 
 def _zero_filled_panel(raw, batch="b0", genes=PANEL):
-    adata = raw.copy()
-    x = adata.X.toarray()
-    x[(adata.obs["batch"] == batch).to_numpy(), genes] = 0
-    adata.X = type(raw.X)(x)
-    return adata
+    return zero_filled(raw, batch, genes)
 
 
 def _swap_two_panel_genes(adata):

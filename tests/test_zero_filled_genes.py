@@ -9,11 +9,18 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import assert_unchanged, make_counts_adata, snapshot, tiny_kwargs, train_kwargs
+from conftest import (
+    assert_unchanged,
+    make_counts_adata,
+    snapshot,
+    tiny_kwargs,
+    train_kwargs,
+    zero_filled,
+)
 
 import celltyper.model
 from celltyper.model.base import UnmeasuredGenesMixin
-from celltyper.model.base import _zero_filled as zero_filled
+from celltyper.model.base import _zero_filled as zero_filled_module
 from celltyper.model.base._centering import zero_against_expected
 from celltyper.model.base._zero_filled import gene_detection_rate
 
@@ -43,11 +50,7 @@ def test_gene_detection_rate_is_the_share_of_cells_with_a_count():
 
 
 def _zero_filled(adata, batch="b1", genes=FILLED):
-    out = adata.copy()
-    x = out.X.toarray()
-    x[(out.obs["batch"] == batch).to_numpy(), genes] = 0
-    out.X = type(adata.X)(x)
-    return out
+    return zero_filled(adata, batch, genes)
 
 
 def _messages(record) -> list[str]:
@@ -124,29 +127,24 @@ def test_the_gene_totals_survive_save_load_and_query_mapping(trained, reference_
     )
 
 
-def test_models_saved_without_the_totals_are_not_checked(trained, reference_data):
-    stored = trained.reference_gene_sums_
-    trained.reference_gene_sums_ = None
-    try:
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            trained.predict(_zero_filled(reference_data))
-    finally:
-        trained.reference_gene_sums_ = stored
-    assert _messages(record) == []
+def _zero_filled_messages(model, data) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.predict(data)
+    return _messages(record)
 
 
-def test_genes_seen_in_few_reference_cells_are_not_checked(trained, reference_data):
+def test_models_saved_without_the_totals_are_not_checked(trained, reference_data, monkeypatch):
+    monkeypatch.setattr(trained, "reference_gene_sums_", None)
+    assert _zero_filled_messages(trained, _zero_filled(reference_data)) == []
+
+
+def test_genes_seen_in_few_reference_cells_are_not_checked(trained, reference_data, monkeypatch):
     # A gene switched off by a condition is seen in few reference cells, unlike a panel's.
-    stored = trained.reference_gene_detection_
-    trained.reference_gene_detection_ = np.where(np.arange(len(stored)) < 10, 0.04, stored)
-    try:
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            trained.predict(_zero_filled(reference_data))
-    finally:
-        trained.reference_gene_detection_ = stored
-    (message,) = _messages(record)
+    detection = trained.reference_gene_detection_
+    few = np.where(np.arange(len(detection)) < 10, 0.04, detection)
+    monkeypatch.setattr(trained, "reference_gene_detection_", few)
+    (message,) = _zero_filled_messages(trained, _zero_filled(reference_data))
     assert message.startswith("10 genes") and "e.g. g10, g11" in message
 
 
@@ -175,8 +173,8 @@ def test_genes_the_encoder_already_skips_are_not_reported(name):
 
 
 def test_large_data_are_checked_on_a_sample_of_cells(trained, reference_data, monkeypatch):
-    monkeypatch.setattr(zero_filled, "ZERO_FILLED_SAMPLE_ROWS", 30)
-    matrix, rows = zero_filled._checked_rows(reference_data.X, reference_data.n_obs)
+    monkeypatch.setattr(zero_filled_module, "ZERO_FILLED_SAMPLE_ROWS", 30)
+    matrix, rows = zero_filled_module._checked_rows(reference_data.X, reference_data.n_obs)
     assert len(rows) == 30 and rows[0] == 0 and rows[-1] == reference_data.n_obs - 1
     np.testing.assert_array_equal(matrix.toarray(), reference_data.X[rows].toarray())
     with warnings.catch_warnings(record=True) as record:
