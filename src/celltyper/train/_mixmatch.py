@@ -25,7 +25,9 @@ class MixMatchTrainingPlan(CellTyperTrainingPlan):
     n_epochs_unsup_ramp
         Epochs of the linear ramp of the unsupervised weight.
     adversary_max_weight
-        Final weight of the adversarial term (0 disables the adversary).
+        Final weight of the adversarial term (0 disables the adversary). The paper's is
+        0.1; 0.3 measured as well or better on every shared task and made the model
+        insensitive to the HVG flavour (docs: SCNYM, "Adversary weight").
     n_epochs_adversary_ramp
         Epochs of the sigmoid ramp of the adversarial weight.
     optimizer, lr, weight_decay
@@ -42,7 +44,7 @@ class MixMatchTrainingPlan(CellTyperTrainingPlan):
         *,
         unsup_max_weight: float = 1.0,
         n_epochs_unsup_ramp: float = 100,
-        adversary_max_weight: float = 0.1,
+        adversary_max_weight: float = 0.3,
         n_epochs_adversary_ramp: float = 20,
         optimizer: OptimizerName = "Adadelta",
         lr: float = 1.0,
