@@ -22,7 +22,7 @@ import celltyper.model
 from celltyper.model.base import UnmeasuredGenesMixin
 from celltyper.model.base import _zero_filled as zero_filled_module
 from celltyper.model.base._centering import zero_against_expected
-from celltyper.model.base._zero_filled import gene_detection_rate
+from celltyper.model.base._zero_filled import gene_sums_and_detection
 
 #: Genes zero-filled in the new data's batch b1: the first 20 hold each type's markers,
 #: so every one of them expects far more than 10 counts there.
@@ -42,11 +42,13 @@ def test_zero_against_expected_needs_ten_expected_counts():
     np.testing.assert_array_equal(zero_against_expected(np.zeros(3), reference), [False] * 3)
 
 
-def test_gene_detection_rate_is_the_share_of_cells_with_a_count():
+def test_gene_detection_is_the_share_of_cells_with_a_count():
     x = np.array([[0, 1, 0], [2, 0, 0], [3, 4, 0], [0, 5, 0]], dtype=np.float32)
     expected = [0.5, 0.75, 0.0]
-    np.testing.assert_allclose(gene_detection_rate(x), expected)
-    np.testing.assert_allclose(gene_detection_rate(sp.csr_matrix(x)), expected)
+    for matrix in (x, sp.csr_matrix(x)):
+        sums, detection = gene_sums_and_detection(matrix)
+        np.testing.assert_allclose(detection, expected)
+        np.testing.assert_allclose(sums, [5, 10, 0])
 
 
 def _zero_filled(adata, batch="b1", genes=FILLED):

@@ -71,9 +71,7 @@ class ZeroFilledGenesMixin:
     def _record_reference_genes(self) -> None:
         """Store the per-gene totals and detection rates of the registered expression."""
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        groups = np.zeros(n_rows(matrix), dtype=np.int64)
-        self.reference_gene_sums_ = batch_gene_sums(matrix, groups, 1)[0].astype(np.float32)
-        self.reference_gene_detection_ = gene_detection_rate(matrix)
+        self.reference_gene_sums_, self.reference_gene_detection_ = gene_sums_and_detection(matrix)
 
     def _read_genes(self) -> np.ndarray:
         """One boolean per registered gene: whether the model reads it (every gene)."""
@@ -131,13 +129,16 @@ class ZeroFilledGenesMixin:
         )
 
 
-def gene_detection_rate(matrix) -> np.ndarray:
-    """Share of the rows with a nonzero value, per column (float32), read in blocks of
-    rows."""
+def gene_sums_and_detection(matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column totals and share of the rows with a nonzero value (both float32), in
+    one pass over blocks of rows (a matrix on disk is read once)."""
+    sums = np.zeros(n_columns(matrix), dtype=np.float64)
     detected = np.zeros(n_columns(matrix), dtype=np.int64)
     for _, _, block in iter_row_chunks(matrix, dense=False):
+        sums += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
         detected += np.asarray((block != 0).sum(axis=0)).ravel().astype(np.int64)
-    return (detected / max(n_rows(matrix), 1)).astype(np.float32)
+    share = detected / max(n_rows(matrix), 1)
+    return sums.astype(np.float32), share.astype(np.float32)
 
 
 def _checked_rows(matrix, n_obs: int) -> tuple[Any, np.ndarray]:
