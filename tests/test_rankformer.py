@@ -253,6 +253,50 @@ def test_mask_tokens_masks_gene_tokens_only():
     assert torch.equal(masked_tokens.bins, tokens.bins)
 
 
+def test_drop_tokens_hides_gene_tokens_only():
+    module = _module()
+    tokens = _tokens()
+    torch.manual_seed(0)
+    dropped = module.drop_tokens(tokens, 0.5)
+    hidden = dropped.padding_mask & ~tokens.padding_mask
+    assert hidden.any() and not hidden[:, 0].any()
+    assert not (tokens.padding_mask & ~dropped.padding_mask).any(), "padding stays padding"
+    assert torch.equal(dropped.tokens, tokens.tokens) and torch.equal(dropped.bins, tokens.bins)
+    # A rate of 0 hides nothing.
+    assert module.drop_tokens(tokens, 0.0).padding_mask.equal(tokens.padding_mask)
+
+
+def _encoder_padding(module: RANKFORMERModule) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    module.encoder.register_forward_hook(lambda _m, args, _out: seen.append(args[1]))
+    return seen
+
+
+def test_token_dropout_applies_in_training_only():
+    module = _module()
+    tensors = _minibatch(module)
+    unhidden = module.tokenize(tensors).padding_mask
+    seen = _encoder_padding(module)
+    module.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        inference_outputs, _, _ = module(tensors, loss_kwargs={"token_dropout": 0.4})
+    genes = ~unhidden
+    genes[:, 0] = False
+    share = (seen[-1] & genes).sum() / genes.sum()
+    assert 0.25 < share < 0.55, f"about 40 % of the gene tokens hidden, got {share:.2f}"
+    assert inference_outputs["token_dropout"] == 0.4
+    # The loss reads that pass (no second encoding).
+    assert len(seen) == 1
+    module.eval()
+    with torch.no_grad():
+        inference_outputs, _, _ = module(tensors, loss_kwargs={"token_dropout": 0.4})
+    assert torch.equal(seen[-1], unhidden), "no token hidden out of training"
+    assert inference_outputs["token_dropout"] == 0.0
+    with pytest.raises(ValueError, match="token_dropout"):
+        module.loss(tensors, inference_outputs, {}, token_dropout=1.0)
+
+
 def test_module_rejects_bad_sizes():
     with pytest.raises(ValueError, match="gene_medians"):
         RANKFORMERModule(n_input=3, n_labels=2, gene_medians=np.array([1.0, 0.0, 2.0]))
@@ -511,6 +555,38 @@ def test_pretrain_stage_inside_train():
     assert model.is_trained_ and model.novelty_threshold_ is not None
     # Without mlm_weight the classifier's stage reads labelled cells only.
     assert (np.concatenate(recorder.labels[1]) < model.n_labels).all()
+
+
+def test_balanced_epochs_cost_the_labelled_cells():
+    adata = make_counts_adata()
+    # Imbalanced labels: type T0 keeps its labelled cells, the others one in six.
+    labels = adata.obs["train_label"].astype(str).to_numpy()
+    thinned = (labels != "T0") & (labels != UNKNOWN) & (np.arange(adata.n_obs) % 6 != 0)
+    adata.obs["train_label"] = np.where(thinned, UNKNOWN, labels)
+    RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    model = RANKFORMER(adata, **tiny_kwargs(RANKFORMER))
+    recorder = _Recorder()
+    model.train(max_epochs=2, batch_size=16, enable_progress_bar=False, callbacks=[recorder])
+    n_labelled = (adata.obs["train_label"] != UNKNOWN).sum()
+    n_train = n_labelled - round(0.1 * n_labelled)  # about 10 % of each type held out
+    steps = len(recorder.labels[0]) / 2
+    assert abs(steps - np.ceil(n_train / 16)) <= 1, (steps, n_train)
+    assert recorder.total_steps[0] == len(recorder.labels[0])
+    # Still class-balanced: T0 is 40 of the 60 labelled cells, but about a quarter of
+    # the cells drawn.
+    drawn = np.concatenate(recorder.labels[0])
+    share_t0 = (drawn == list(model.cell_types).index("T0")).mean()
+    assert 0.1 < share_t0 < 0.45, share_t0
+    # The user's own limit wins.
+    recorder = _Recorder()
+    model.train(
+        max_epochs=2,
+        batch_size=16,
+        limit_train_batches=1,
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    assert len(recorder.labels[0]) == 2
 
 
 def test_pretrain_rejects_masking_nothing():

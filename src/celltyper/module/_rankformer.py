@@ -138,6 +138,26 @@ class RANKFORMERModule(ClassifierModule):
         )
         self.mlm_bias = nn.Parameter(torch.zeros(n_input))
 
+    def init_gene_embedding(self, values: np.ndarray) -> None:
+        """Start each gene's embedding at its row of ``values`` ``(n_input, d_model)``
+        (e.g. :func:`~celltyper.data.gene_components`), rescaled to the random
+        initialisation's standard deviation, 0.02: attention still starts near uniform,
+        and the CLS token as an average of its genes, now of genes that lie near
+        each other when they are expressed together."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (self.n_input, self.d_model):
+            raise ValueError(
+                f"values must have shape {(self.n_input, self.d_model)}, got {values.shape}."
+            )
+        scale = values.std()
+        if not np.isfinite(scale) or scale == 0:
+            return
+        weight = self.gene_embedding.weight
+        with torch.no_grad():
+            weight[N_SPECIAL_TOKENS : N_SPECIAL_TOKENS + self.n_input] = torch.as_tensor(
+                values * (0.02 / scale), dtype=weight.dtype
+            )
+
     # -- tokens and encoder -------------------------------------------------------------
     @property
     def paired(self) -> bool:
@@ -203,6 +223,26 @@ class RANKFORMERModule(ClassifierModule):
             hidden = self.encoder.forward_first(x, tokens.padding_mask)
         return hidden.float()
 
+    def _gene_positions(self, tokens: RankTokens) -> Tensor:
+        """Positions of gene tokens attention reads (never CLS, SEP or padding)."""
+        ids = tokens.tokens
+        # SEP, in a paired vocabulary, has the id after the genes.
+        genes = (ids >= N_SPECIAL_TOKENS) & (ids < N_SPECIAL_TOKENS + self.n_input)
+        return genes & ~tokens.padding_mask
+
+    def drop_tokens(self, tokens: RankTokens, rate: float) -> RankTokens:
+        """Hide a random ``rate`` of each cell's gene tokens from attention.
+
+        The dropped genes join the padding: the cell is seen without them, so the
+        classifier cannot lean on a few markers that another condition, technology or
+        species may not rank as high.
+        """
+        genes = self._gene_positions(tokens)
+        dropped = genes & (torch.rand(genes.shape, device=genes.device) < rate)
+        return RankTokens(
+            tokens.tokens, tokens.padding_mask | dropped, tokens.bins, tokens.segments
+        )
+
     def mask_tokens(self, tokens: RankTokens, mask_prob: float) -> tuple[RankTokens, Tensor]:
         """Replace a random ``mask_prob`` of each cell's gene tokens by ``MASK_TOKEN``.
 
@@ -210,8 +250,7 @@ class RANKFORMERModule(ClassifierModule):
         The value bins stay, so the task reads "which gene sits at this level here?".
         """
         ids = tokens.tokens
-        # Gene tokens only: SEP, in a paired vocabulary, has the id after the genes.
-        candidates = (ids >= N_SPECIAL_TOKENS) & (ids < N_SPECIAL_TOKENS + self.n_input)
+        candidates = self._gene_positions(tokens)
         masked = candidates & (torch.rand(ids.shape, device=candidates.device) < mask_prob)
         masked_ids = torch.where(masked, MASK_TOKEN, ids)
         return RankTokens(masked_ids, tokens.padding_mask, tokens.bins, tokens.segments), masked
@@ -271,10 +310,7 @@ class RANKFORMERModule(ClassifierModule):
         loss masks (``mask_prob`` when ``mlm_weight > 0``) is passed to :meth:`inference`:
         one encoder pass over the masked tokens serves both terms of the loss.
         """
-        inference_kwargs = {
-            "mask_prob": self.loss_mask_prob(loss_kwargs or {}),
-            **(inference_kwargs or {}),
-        }
+        inference_kwargs = {**self.loss_corruption(loss_kwargs or {}), **(inference_kwargs or {})}
         return super().forward(
             tensors,
             get_inference_input_kwargs=get_inference_input_kwargs,
@@ -285,27 +321,37 @@ class RANKFORMERModule(ClassifierModule):
             compute_loss=compute_loss,
         )
 
-    def loss_mask_prob(self, loss_kwargs: dict) -> float:
-        """Share of gene tokens :meth:`loss` masks with ``loss_kwargs`` (its defaults
-        completing them): ``mask_prob``, or 0 without the masked-gene term."""
+    def loss_corruption(self, loss_kwargs: dict) -> dict[str, float]:
+        """How :meth:`loss` with ``loss_kwargs`` (its defaults completing them) corrupts
+        the encoder's input: ``mask_prob``, the share of gene tokens masked (``mask_prob``,
+        or 0 without the masked-gene term), and ``token_dropout``, the share hidden (0
+        out of training)."""
         bound = inspect.signature(self.loss).bind_partial(None, None, None, **loss_kwargs)
         bound.apply_defaults()
         settings = bound.arguments
-        return float(settings["mask_prob"]) if settings["mlm_weight"] > 0 else 0.0
+        return {
+            "mask_prob": float(settings["mask_prob"]) if settings["mlm_weight"] > 0 else 0.0,
+            "token_dropout": float(settings["token_dropout"]) if self.training else 0.0,
+        }
 
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict:
         return {"tokens": self.tokenize(tensors)}
 
     @auto_move_data
-    def inference(self, tokens: RankTokens, mask_prob: float = 0.0) -> dict:
-        """Encode the cells, a random ``mask_prob`` of their gene tokens masked first.
+    def inference(
+        self, tokens: RankTokens, mask_prob: float = 0.0, token_dropout: float = 0.0
+    ) -> dict:
+        """Encode the cells, a random ``token_dropout`` of their gene tokens hidden and a
+        random ``mask_prob`` of the others masked first.
 
         Returns the hidden states, the CLS embedding ``z``, the unmasked ``tokens``, the
-        positions ``masked`` and the ``mask_prob`` used.
+        positions ``masked`` and the ``mask_prob`` and ``token_dropout`` used.
         """
         inputs, masked = tokens, torch.zeros_like(tokens.padding_mask)
+        if token_dropout > 0:
+            inputs = self.drop_tokens(inputs, token_dropout)
         if mask_prob > 0:
-            inputs, masked = self.mask_tokens(tokens, mask_prob)
+            inputs, masked = self.mask_tokens(inputs, mask_prob)
         hidden = self.encode(inputs)
         return {
             "z": hidden[:, 0],
@@ -313,6 +359,7 @@ class RANKFORMERModule(ClassifierModule):
             "tokens": tokens,
             "masked": masked,
             "mask_prob": mask_prob,
+            "token_dropout": token_dropout,
         }
 
     def loss(
@@ -325,6 +372,7 @@ class RANKFORMERModule(ClassifierModule):
         mask_prob: float = 0.15,
         label_smoothing: float = 0.1,
         class_weights: Tensor | None = None,
+        token_dropout: float = 0.0,
     ) -> LossOutput:
         """Cell-type cross-entropy on the labelled cells plus masked-gene prediction.
 
@@ -351,6 +399,9 @@ class RANKFORMERModule(ClassifierModule):
             Label smoothing of the cell-type cross-entropy.
         class_weights
             Cross-entropy weight per cell-type code (``None``: all 1).
+        token_dropout
+            Share of each cell's gene tokens hidden from attention in training (an
+            augmentation; :meth:`drop_tokens`).
 
         Returns
         -------
@@ -358,17 +409,20 @@ class RANKFORMERModule(ClassifierModule):
         (``classification_loss``, ``masked_gene_loss``, adding up to the loss) and
         ``masked_gene_accuracy``.
         """
-        if not 0.0 <= mask_prob < 1.0:
-            raise ValueError(f"mask_prob must be in [0, 1), got {mask_prob}.")
+        for name, value in (("mask_prob", mask_prob), ("token_dropout", token_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}.")
         if classification_weight <= 0 and (mlm_weight <= 0 or mask_prob <= 0):
             raise ValueError(
                 "Nothing to learn: classification_weight, or mlm_weight and mask_prob, must "
                 f"be > 0 (got {classification_weight}, {mlm_weight}, {mask_prob})."
             )
         outputs = inference_outputs
-        expected = self.loss_mask_prob({"mlm_weight": mlm_weight, "mask_prob": mask_prob})
-        if outputs["mask_prob"] != expected:
-            outputs = self.inference(outputs["tokens"], mask_prob=expected)
+        expected = self.loss_corruption(
+            {"mlm_weight": mlm_weight, "mask_prob": mask_prob, "token_dropout": token_dropout}
+        )
+        if any(outputs.get(name) != value for name, value in expected.items()):
+            outputs = self.inference(outputs["tokens"], **expected)
         hidden = outputs["hidden"]
         masked_gene, accuracy = self.masked_gene_loss(
             hidden, outputs["tokens"].tokens, outputs["masked"]
