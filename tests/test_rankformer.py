@@ -510,6 +510,13 @@ class _Recorder(pl.Callback):
         self.labels[-1].append(labels.numpy())
 
 
+def _record_training(model: RANKFORMER, **train_kwargs) -> _Recorder:
+    """Train ``model`` without a progress bar, recording every step."""
+    recorder = _Recorder()
+    model.train(enable_progress_bar=False, callbacks=[recorder], **train_kwargs)
+    return recorder
+
+
 def test_pretrain_then_train():
     model, adata = _new_model()
     head = {k: v.clone() for k, v in model.module.classifier.state_dict().items()}
@@ -541,14 +548,7 @@ def test_pretrain_then_train():
 
 def test_pretrain_stage_inside_train():
     model, _ = _new_model()
-    recorder = _Recorder()
-    model.train(
-        max_epochs=3,
-        pretrain_epochs=2,
-        batch_size=32,
-        enable_progress_bar=False,
-        callbacks=[recorder],
-    )
+    recorder = _record_training(model, max_epochs=3, pretrain_epochs=2, batch_size=32)
     assert len(recorder.lrs) == 2, "a pretraining stage, then the classifier's"
     assert len(model.pretrain_history_["masked_gene_loss_train"]) == 2
     assert len(model.history["classification_loss_train"]) == 3
@@ -565,8 +565,7 @@ def test_balanced_epochs_cost_the_labelled_cells():
     adata.obs["train_label"] = np.where(thinned, UNKNOWN, labels)
     RANKFORMER.setup_anndata(adata, labels_key="train_label", batch_key="batch")
     model = RANKFORMER(adata, **tiny_kwargs(RANKFORMER))
-    recorder = _Recorder()
-    model.train(max_epochs=2, batch_size=16, enable_progress_bar=False, callbacks=[recorder])
+    recorder = _record_training(model, max_epochs=2, batch_size=16)
     n_labelled = (adata.obs["train_label"] != UNKNOWN).sum()
     n_train = n_labelled - round(0.1 * n_labelled)  # about 10 % of each type held out
     steps = len(recorder.labels[0]) / 2
@@ -578,14 +577,7 @@ def test_balanced_epochs_cost_the_labelled_cells():
     share_t0 = (drawn == list(model.cell_types).index("T0")).mean()
     assert 0.1 < share_t0 < 0.45, share_t0
     # The user's own limit wins.
-    recorder = _Recorder()
-    model.train(
-        max_epochs=2,
-        batch_size=16,
-        limit_train_batches=1,
-        enable_progress_bar=False,
-        callbacks=[recorder],
-    )
+    recorder = _record_training(model, max_epochs=2, batch_size=16, limit_train_batches=1)
     assert len(recorder.labels[0]) == 2
 
 

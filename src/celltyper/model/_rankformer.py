@@ -106,23 +106,27 @@ class RANKFORMER(CellTyperModel):
       not, validated on the masked-gene loss of the held-out cells (patience 5; 10
       epochs in :meth:`pretrain`); its curves are kept in ``pretrain_history_``. The
       model is not trained after it: ``is_trained_`` stays False until the next stage.
-    - ``"train"``: up to 30 epochs (early stopping after 10 without improvement of the
+    - ``"train"``: up to 60 epochs (early stopping after 10 without improvement of the
       held-out labelled cells' cross-entropy, best weights restored) of the cell-type
       cross-entropy (label smoothing 0.1) on labelled cells oversampled so every type is
       as frequent as the largest, plus ``mlm_weight`` x the masked-gene loss (15 % of
-      the gene tokens masked) on every cell of the minibatch. The option ``mlm_weight``
-      is ``None`` by default: 0 for a reference model, whose epochs then read only the
-      labelled cells, and 0.5 for a query model from :meth:`load_query_data`, whose
-      LayerNorms adapt to the query's cells without labels; unlabelled cells join the
-      minibatches when it is above 0 or for a query model.
+      the gene tokens masked) on every cell of the minibatch. An epoch stops after as
+      many cells as there are labelled training cells (a new random part of the
+      oversampled set each time), so its cost does not grow with the number of types.
+      The option ``mlm_weight`` is ``None`` by default: 0 for a reference model, whose
+      epochs then read only the labelled cells, and 0.5 for a query model from
+      :meth:`load_query_data`, whose LayerNorms adapt to the query's cells without
+      labels; unlabelled cells join the minibatches when it is above 0 or for a query
+      model.
 
     Hyperparameters, by name or in ``plan_kwargs``: those of
     :class:`~celltyper.train.RankformerTrainingPlan` (``warmup_fraction``, optimizer)
     and of :meth:`~celltyper.module.RANKFORMERModule.loss` (``mask_prob``,
-    ``label_smoothing``, ``class_weights``); splitter settings (``balance_classes``) by
-    name or in ``datasplitter_kwargs``. The stages set the loss weights themselves
-    (``classification_weight``, ``mlm_weight``). Gene attribution (:meth:`interpret`) is
-    unavailable: the model reads the rank order of genes, not their values.
+    ``label_smoothing``, ``class_weights``, ``token_dropout``); splitter settings
+    (``balance_classes``) by name or in ``datasplitter_kwargs``. The stages set the loss
+    weights themselves (``classification_weight``, ``mlm_weight``). Gene attribution
+    (:meth:`interpret`) is unavailable: the model reads the rank order of genes, not
+    their values.
 
     Examples
     --------
@@ -396,7 +400,7 @@ class RANKFORMER(CellTyperModel):
                 TrainingStage(
                     "train",
                     self._training_plan_cls,
-                    max_epochs=30,
+                    max_epochs=60,
                     plan_kwargs={"mlm_weight": mlm_weight},
                     splitter_kwargs={
                         "include_unlabelled": include_unlabelled,
