@@ -138,26 +138,6 @@ class RANKFORMERModule(ClassifierModule):
         )
         self.mlm_bias = nn.Parameter(torch.zeros(n_input))
 
-    def init_gene_embedding(self, values: np.ndarray) -> None:
-        """Start each gene's embedding at its row of ``values`` ``(n_input, d_model)``
-        (e.g. :func:`~celltyper.data.gene_components`), rescaled to the random
-        initialisation's standard deviation, 0.02: attention still starts near uniform,
-        and the CLS token as an average of its genes, now of genes that lie near
-        each other when they are expressed together."""
-        values = np.asarray(values, dtype=np.float64)
-        if values.shape != (self.n_input, self.d_model):
-            raise ValueError(
-                f"values must have shape {(self.n_input, self.d_model)}, got {values.shape}."
-            )
-        scale = values.std()
-        if not np.isfinite(scale) or scale == 0:
-            return
-        weight = self.gene_embedding.weight
-        with torch.no_grad():
-            weight[N_SPECIAL_TOKENS : N_SPECIAL_TOKENS + self.n_input] = torch.as_tensor(
-                values * (0.02 / scale), dtype=weight.dtype
-            )
-
     # -- tokens and encoder -------------------------------------------------------------
     @property
     def paired(self) -> bool:
