@@ -425,9 +425,10 @@ class RANKFORMER(CellTyperModel):
         resample every time, so types stay balanced and an epoch costs its labelled
         cells.
         """
-        sampled = len(getattr(datamodule, "labelled_sampling_idx", ()))
-        labelled = len(getattr(datamodule, "labelled_train_idx", ()))
-        if stage.name != "train" or not 0 < labelled < sampled:
+        if stage.name != "train":
+            return {}
+        labelled = len(datamodule.labelled_train_idx)
+        if not 0 < labelled < len(datamodule.labelled_sampling_idx):
             return {}
         return {"limit_train_batches": max(1, math.ceil(labelled / datamodule.batch_size))}
 
