@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import make_counts_adata
+from conftest import UNKNOWN, make_counts_adata
 from torch import nn
 
 from celltyper._utils import gene_names
@@ -229,6 +229,43 @@ def test_labelled_epoch_keeps_its_length_whatever_the_unlabelled_cells():
     # Without a ratio an epoch runs over the larger (unlabelled) set instead.
     splitter, _ = _splitter(None, 80)
     assert len(splitter.train_dataloader()) > lengths[1]
+
+
+@pytest.mark.parametrize("ratio", [1.0, None])
+def test_balanced_epochs_read_as_many_cells_as_are_labelled(ratio):
+    from scvi import REGISTRY_KEYS
+
+    from celltyper.data import LabelledUnlabelledSplitter
+    from celltyper.model import SCNYM
+
+    adata = make_counts_adata(cells_per=20)
+    # Imbalanced: T0 keeps its labelled cells, T1-T3 one in five, so balancing triples
+    # the labelled set; no unlabelled cell is left for the pass over the larger set.
+    labels = adata.obs["train_label"].astype(str).to_numpy()
+    thinned = np.isin(labels, ["T1", "T2", "T3"]) & (np.arange(adata.n_obs) % 5 != 0)
+    adata.obs["train_label"] = np.where(thinned, UNKNOWN, labels)
+    if ratio is None:
+        adata = adata[adata.obs["train_label"] != UNKNOWN].copy()
+    SCNYM.setup_anndata(adata, labels_key="train_label", batch_key="batch")
+    manager = SCNYM(adata, n_hidden=8).adata_manager
+    splitter = LabelledUnlabelledSplitter(
+        manager, n_labels=4, batch_size=16, balance_classes=True, unlabelled_ratio=ratio
+    )
+    n_labelled = len(splitter.labelled_train_idx)
+    assert len(splitter.labelled_sampling_idx) > 2 * n_labelled
+    loader = splitter.train_dataloader()
+    assert len(loader) == -(-n_labelled // 16)
+    torch.manual_seed(0)
+    epochs = []
+    for _ in range(2):
+        steps = list(loader)
+        assert len(steps) == len(loader)
+        epochs.append(torch.cat([step[0][REGISTRY_KEYS.LABELS_KEY] for step in steps]))
+    for drawn in epochs:
+        counts = np.bincount(drawn.long().ravel().numpy(), minlength=4)
+        # Balanced: T0 is two thirds of the labelled cells, about a quarter drawn.
+        assert counts.min() > 0 and counts[0] / counts.sum() < 0.4, counts
+    assert not torch.equal(epochs[0], epochs[1])  # a new part of the resample each time
 
 
 def test_labelled_epoch_draws_every_unlabelled_cell_in_turn():

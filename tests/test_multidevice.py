@@ -179,16 +179,31 @@ def test_unlabelled_ratio_stream_is_shared_by_the_processes(id_model):
     )
     loaders = [s.train_dataloader() for s in splitters]
     unlabelled = set(splitters[0].unlabelled_idx.tolist())
-    first, second = ([list(loader) for loader in loaders] for _ in range(2))
-    # An epoch is a pass over the labelled cells: each process reads its half.
-    labelled = [i for steps in first for lab, _ in steps for i in _ids(lab)]
-    assert Counter(labelled) == Counter(splitters[0].labelled_sampling_idx.tolist())
+    n_epochs = -(-len(unlabelled) // (32 * len(loaders[0])))  # one pass over them
+    epochs = [[list(loader) for loader in loaders] for _ in range(n_epochs)]
+    first = epochs[0]
+    # An epoch reads as many of the balanced resample as there are labelled training
+    # cells, the processes each their half of it.
+    n_labelled = len(splitters[0].labelled_train_idx)
+    assert len(splitters[0].labelled_sampling_idx) > n_labelled
+    assert len(loaders[0]) == len(loaders[1]) == -(-n_labelled // 32)
+    labelled = Counter(i for steps in first for lab, _ in steps for i in _ids(lab))
+    resample = Counter(splitters[0].labelled_sampling_idx.tolist())
+    assert sum(labelled.values()) >= n_labelled and labelled <= resample
     # The unlabelled stream is read in turn, each process its own share of each step.
     drawn = [[i for _, u in steps for i in _ids(u)] for steps in first]
     assert all(len(ids) == 16 * len(loaders[0]) for ids in drawn)
-    assert len(set(drawn[0] + drawn[1])) == len(drawn[0] + drawn[1])
-    later = {i for steps in second for _, u in steps for i in _ids(u)}
-    assert set(drawn[0]) | set(drawn[1]) | later == unlabelled
+    # In the stream's order (each step: rank 0's share, then rank 1's), the first pass
+    # holds every unlabelled cell once.
+    stream = [
+        i
+        for steps in epochs
+        for step in zip(*steps, strict=True)
+        for _, u in step
+        for i in _ids(u)
+    ]
+    first_pass = stream[: len(unlabelled)]
+    assert len(set(first_pass)) == len(first_pass) and set(first_pass) == unlabelled
 
 
 def test_validation_is_whole_on_every_process_and_all_cells_are_sharded(id_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 
 import lightning.pytorch as pl
@@ -129,6 +130,31 @@ def _passes(loader):
         yield from loader
 
 
+class FirstMinibatches:
+    """The first ``n_batches`` minibatches of each pass over ``loader``.
+
+    Over a shuffled loader every epoch is a new random part of its cells: a class-balanced
+    resample can then be read a labelled set's worth at a time.
+    """
+
+    def __init__(self, loader, n_batches: int):
+        if n_batches < 1:
+            raise ValueError(f"n_batches must be >= 1, got {n_batches}.")
+        self.loader = loader
+        self.n_batches = n_batches
+
+    @property
+    def sampler(self):
+        # A distributed loader's sampler is given its epoch through the wrapper.
+        return self.loader.sampler
+
+    def __len__(self) -> int:
+        return min(self.n_batches, len(self.loader))
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.loader), len(self))
+
+
 class LabelledEpochLoader:
     """``[labelled_batch, unlabelled_batch]`` pairs, as many as the labelled loader has.
 
@@ -249,7 +275,10 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
         Accept data without a labelled cell (fine-tuning a query model on its own cells).
     balance_classes
         Oversample labelled training cells so that every class is as frequent as the
-        largest one (see :func:`balanced_resample`).
+        largest one (see :func:`balanced_resample`). The labelled cells still count at
+        their number: each epoch reads as many of the resample as there are labelled
+        training cells (a new random part of it every epoch), not n_types x the
+        largest type, so an epoch's cost does not grow with the imbalance.
     include_unlabelled
         Train on the unlabelled cells too (the default); ``False`` leaves them out, for
         methods whose loss needs a label on every cell.
@@ -315,15 +344,24 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
             return self._labelled_epoch_loader(rank, world_size)
         indices = [i for i in (self.labelled_sampling_idx, self.unlabelled_idx) if len(i)]
         if world_size > 1:
-            return ShardedConcatLoader([self._shard(i, rank, world_size) for i in indices])
-        return CyclingConcatDataLoader(
-            self.adata_manager,
-            indices_list=indices,
-            shuffle=True,
-            batch_size=self.batch_size,
-            drop_last=[self._drop_last(len(i)) for i in indices],
-            **self.loader_kwargs,
-        )
+            loader = ShardedConcatLoader([self._shard(i, rank, world_size) for i in indices])
+        else:
+            loader = CyclingConcatDataLoader(
+                self.adata_manager,
+                indices_list=indices,
+                shuffle=True,
+                batch_size=self.batch_size,
+                drop_last=[self._drop_last(len(i)) for i in indices],
+                **self.loader_kwargs,
+            )
+        epoch_cells = max(len(self.labelled_train_idx), len(self.unlabelled_idx))
+        return self._cut_to(loader, epoch_cells, world_size)
+
+    def _cut_to(self, loader, n_cells: int, world_size: int):
+        """``loader``, or its first minibatches when a pass reads more than ``n_cells``
+        cells (a class-balanced resample counts at its labelled cells' number)."""
+        n_batches = max(1, math.ceil(n_cells / (self.batch_size * world_size)))
+        return FirstMinibatches(loader, n_batches) if n_batches < len(loader) else loader
 
     def _shard(self, indices: np.ndarray, rank: int, world_size: int):
         """This process's shuffled minibatches of ``indices`` under a distributed
@@ -351,6 +389,7 @@ class LabelledUnlabelledSplitter(pl.LightningDataModule):
                 drop_last=self._drop_last(len(self.labelled_sampling_idx)),
                 **self.loader_kwargs,
             )
+        labelled = self._cut_to(labelled, len(self.labelled_train_idx), world_size)
         per_step = max(1, round(self.unlabelled_ratio * self.batch_size))
         return LabelledEpochLoader(
             labelled,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -414,23 +413,6 @@ class RANKFORMER(CellTyperModel):
     @classmethod
     def _extra_plan_classes(cls) -> tuple[type, ...]:
         return (RankformerPretrainingPlan,)
-
-    def _stage_trainer_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:
-        """Epochs of as many class-balanced cells as there are labelled training cells.
-
-        Balancing repeats every type up to the size of the largest: a pass over that
-        resample reads n_types x the largest type's cells (7,300 for Baron's 1,900
-        labelled human cells), the transformer's cost. Each epoch stops after
-        ``ceil(n_labelled / batch_size)`` minibatches instead, a new random part of the
-        resample every time, so types stay balanced and an epoch costs its labelled
-        cells.
-        """
-        if stage.name != "train":
-            return {}
-        labelled = len(datamodule.labelled_train_idx)
-        if not 0 < labelled < len(datamodule.labelled_sampling_idx):
-            return {}
-        return {"limit_train_batches": max(1, math.ceil(labelled / datamodule.batch_size))}
 
     @classmethod
     def _computed_plan_arguments(cls) -> set[str]:

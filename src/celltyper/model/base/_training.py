@@ -273,9 +273,8 @@ class TrainingMixin:
       :meth:`_training_stages`;
     - :meth:`_training_stages`: the stages one ``train()`` call runs;
     - :meth:`_stage_plan_kwargs`: plan arguments computed from the data (class
-      weights, ...), :meth:`_stage_trainer_kwargs` likewise for the Trainer, and
-      :meth:`_stage_data` when a stage trains on other data than the model's splitter
-      gives.
+      weights, ...), and :meth:`_stage_data` when a stage trains on other data than
+      the model's splitter gives.
     """
 
     _train_defaults: ClassVar[dict[str, Any]] = {
@@ -295,11 +294,6 @@ class TrainingMixin:
 
     def _stage_plan_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:
         """Plan arguments computed for ``stage`` from the data (none by default)."""
-        return {}
-
-    def _stage_trainer_kwargs(self, stage: TrainingStage, datamodule) -> dict[str, Any]:
-        """Trainer settings computed for ``stage`` from its data (none by default); the
-        user's own settings of the same names win."""
         return {}
 
     def _stage_data(self, stage: TrainingStage, splitter_kwargs: dict[str, Any]):
@@ -583,7 +577,6 @@ class TrainingMixin:
                 **{k: v for k, v in plan_kwargs.items() if k in accepted},
             },
         )
-        trainer_kwargs = {**self._stage_trainer_kwargs(stage, datamodule), **trainer_kwargs}
         has_validation = getattr(datamodule, "n_val", 0) > 0
         if early_stopping and not has_validation:
             warnings.warn(
